@@ -1,0 +1,19 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_python(code: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (this venv's), returning the finished process."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture
+def fresh_python():
+    return run_python
