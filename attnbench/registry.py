@@ -167,6 +167,10 @@ class Attention:
         inner = ",".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name}({inner})"
 
+    def label_for(self, spec: AttentionSpec) -> str:
+        """The label with any parameter that depends on the inputs resolved for ``spec``."""
+        return self.label
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
 

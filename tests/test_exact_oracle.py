@@ -55,6 +55,11 @@ def test_matches_exact_oracle(name, case, dtype, device):
     if params is None:
         pytest.skip(f"{name} has no exact configuration")
     impl = registry.create(name, **params)
+    forward_only = not impl.supports(spec)
+    if forward_only:
+        for t in (q, k, v):
+            t.requires_grad_(False)
+        spec = AttentionSpec.from_inputs(q, k, v, q_hw, kv_hw)
     reasons = impl.unsupported_reasons(spec)
     if reasons:
         pytest.skip(f"{impl.label}: {reasons}")
@@ -67,6 +72,8 @@ def test_matches_exact_oracle(name, case, dtype, device):
     torch.testing.assert_close(
         out.double(), ref, rtol=rtol, atol=atol, msg=lambda m: f"{impl.label} output: {m}"
     )
+    if forward_only:
+        return
 
     grad_out = torch.randn(
         ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
@@ -81,15 +88,3 @@ def test_matches_exact_oracle(name, case, dtype, device):
             atol=atol,
             msg=lambda m, x=label: f"{impl.label} d{x}: {m}",
         )
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_none_returns_zeros_with_zero_gradients(device):
-    (q, k, v), q_hw, kv_hw = make_inputs("cross-8x8-4x4-cv24", torch.float32, device)
-    out = registry.create("none")(q, k, v, q_hw=q_hw, kv_hw=kv_hw)
-    assert out.shape == (1, 3, 64, 24)
-    assert torch.count_nonzero(out) == 0
-    (out * 3 + 1).sum().backward()
-    for t in (q, k, v):
-        assert t.grad is not None and t.grad.shape == t.shape
-        assert torch.count_nonzero(t.grad) == 0

@@ -1,0 +1,318 @@
+"""Grid Partitioned Attention: every backend against the reference, exact limits, errors."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnbench import registry
+from attnbench.impls.gpa import select_keys
+from attnbench.registry import UnsupportedError
+from attnbench.spec import AttentionSpec
+
+FAST_BACKENDS = ["gpa.torch", "gpa.flex"]
+
+
+def inputs(b, h, q_hw, kv_hw, c, cv, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = q_hw[0] * q_hw[1], kv_hw[0] * kv_hw[1]
+    q = 2 * torch.randn(b, h, nq, c, generator=g, dtype=dtype)
+    k = 2 * torch.randn(b, h, nk, c, generator=g, dtype=dtype)
+    v = torch.randn(b, h, nk, cv, generator=g, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def run_reference(params, q, k, v, q_hw, kv_hw):
+    ref = registry.create("gpa.reference", **params)
+    return ref.run(q, k, v, AttentionSpec.from_inputs(q, k, v, q_hw, kv_hw))
+
+
+@st.composite
+def configs(draw, max_cells=3):
+    d = draw(st.integers(1, 3))
+    s = draw(st.integers(1, 2))
+    q_hw = (draw(st.integers(1, max_cells)) * s * d, draw(st.integers(1, max_cells)) * s * d)
+    kv_low = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    kv_hw = (kv_low[0] * d, kv_low[1] * d)
+    return {
+        "b": draw(st.integers(1, 2)),
+        "h": draw(st.integers(1, 2)),
+        "q_hw": q_hw,
+        "kv_hw": kv_hw,
+        "c": draw(st.integers(1, 8)),
+        "cv": draw(st.integers(1, 8)),
+        "seed": draw(st.integers(0, 2**16)),
+        "params": {
+            "downsample": d,
+            "cell": s,
+            "topk": draw(st.integers(1, kv_low[0] * kv_low[1])),
+            "affinity": draw(st.sampled_from(["dot", "euclid"])),
+        },
+    }
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs())
+def test_torch_backend_equals_reference(cfg):
+    q, k, v = inputs(
+        cfg["b"], cfg["h"], cfg["q_hw"], cfg["kv_hw"], cfg["c"], cfg["cv"], seed=cfg["seed"]
+    )
+    expected, expected_keys = run_reference(cfg["params"], q, k, v, cfg["q_hw"], cfg["kv_hw"])
+    impl = registry.create("gpa.torch", **cfg["params"])
+    out = impl(q, k, v, q_hw=cfg["q_hw"], kv_hw=cfg["kv_hw"])
+    geom = impl.geometry(AttentionSpec.from_inputs(q, k, v, cfg["q_hw"], cfg["kv_hw"]))
+    keys = select_keys(q, k, geom, cfg["params"]["affinity"])
+    assert torch.equal(keys, expected_keys), f"{impl.label}: selected keys differ"
+    torch.testing.assert_close(
+        out, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{impl.label}: {m}"
+    )
+
+
+# FlexAttention compiles once per shape (seconds each), so its configurations vary in data,
+# κ and scale over three fixed shapes: square, rectangular with another kv map, and d = 1.
+FLEX_SHAPES = [
+    dict(b=1, h=2, q_hw=(8, 8), kv_hw=(8, 8), c=8, cv=8, downsample=2, cell=2),
+    dict(b=2, h=1, q_hw=(8, 16), kv_hw=(12, 8), c=4, cv=6, downsample=2, cell=2),
+    dict(b=1, h=1, q_hw=(6, 3), kv_hw=(4, 5), c=3, cv=2, downsample=1, cell=3),
+]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from(FLEX_SHAPES), data=st.data())
+def test_flex_backend_equals_reference(shape, data):
+    d = shape["downsample"]
+    nk_low = (shape["kv_hw"][0] // d) * (shape["kv_hw"][1] // d)
+    params = {
+        "downsample": d,
+        "cell": shape["cell"],
+        "topk": data.draw(st.integers(1, nk_low), label="topk"),
+        "scale": data.draw(st.sampled_from([None, 0.3]), label="scale"),
+    }
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    args = [shape[key] for key in ("b", "h", "q_hw", "kv_hw", "c", "cv")]
+    q, k, v = inputs(*args, dtype=torch.float32, seed=seed)
+    expected, _ = run_reference(
+        params, q.double(), k.double(), v.double(), shape["q_hw"], shape["kv_hw"]
+    )
+    impl = registry.create("gpa.flex", **params)
+    out = impl(q, k, v, q_hw=shape["q_hw"], kv_hw=shape["kv_hw"])
+    torch.testing.assert_close(
+        out.double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{impl.label}: {m}"
+    )
+
+
+def test_flex_euclid_equals_reference():
+    shape = FLEX_SHAPES[0]
+    params = {"downsample": 2, "cell": 2, "topk": 5, "affinity": "euclid"}
+    q, k, v = inputs(1, 2, (8, 8), (8, 8), 8, 8, dtype=torch.float32, seed=3)
+    expected, _ = run_reference(
+        params, q.double(), k.double(), v.double(), shape["q_hw"], shape["kv_hw"]
+    )
+    out = registry.create("gpa.flex", **params)(q, k, v, q_hw=(8, 8), kv_hw=(8, 8))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def exact_attention(q, k, v, scale, affinity="dot"):
+    q, k, v = q.double(), k.double(), v.double()
+    if affinity == "dot":
+        scores = scale * q @ k.transpose(-1, -2)
+    else:
+        scores = -scale * torch.cdist(q, k) ** 2
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("name", ["gpa.reference", *FAST_BACKENDS])
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+def test_all_low_res_keys_is_exact_attention(name, affinity):
+    # 8x16 queries, 12x8 keys, d = 2: 6 x 4 = 24 low-res keys, all kept.
+    q, k, v = inputs(2, 2, (8, 16), (12, 8), 8, 8, dtype=torch.float32, seed=1)
+    impl = registry.create(name, downsample=2, cell=2, topk=24, affinity=affinity)
+    out = impl(q, k, v, q_hw=(8, 16), kv_hw=(12, 8))
+    expected = exact_attention(q, k, v, 8**-0.5, affinity)
+    err = ((out.double() - expected).norm() / expected.norm()).item()
+    assert err < 1e-5, f"{impl.label}: relative error {err:.2e} against exact attention"
+
+
+@pytest.mark.parametrize("name", ["gpa.reference", *FAST_BACKENDS])
+def test_d1_s1_is_per_query_topk_attention(name):
+    topk = 5
+    q, k, v = inputs(1, 2, (4, 6), (5, 3), 4, 3, dtype=torch.float32, seed=2)
+    impl = registry.create(name, downsample=1, cell=1, topk=topk)
+    out = impl(q, k, v, q_hw=(4, 6), kv_hw=(5, 3))
+    # Independent oracle: every query keeps its own κ highest-scoring keys, then exact softmax.
+    scores = 0.5 * q.double() @ k.double().transpose(-1, -2)
+    kth = scores.topk(topk, dim=-1).values[..., -1:]
+    masked = scores.masked_fill(scores < kth, float("-inf"))
+    expected = masked.softmax(-1) @ v.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gpa.reference", *FAST_BACKENDS])
+def test_ties_go_to_the_lower_index(name):
+    # Constant keys: every low-res key is equally relevant, so every cell keeps keys 0..κ-1,
+    # and the output is the mean of the values of those blocks.
+    q = torch.randn(1, 1, 64, 4)
+    k = torch.ones(1, 1, 64, 4)
+    v = torch.arange(64.0).reshape(1, 1, 64, 1).expand(1, 1, 64, 2).contiguous()
+    out = registry.create(name, downsample=2, cell=2, topk=3)(q, k, v, q_hw=(8, 8), kv_hw=(8, 8))
+    # Low-res keys 0, 1, 2 are the 2x2 blocks at columns 0-5 of rows 0-1.
+    tokens = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13]
+    assert torch.allclose(out, torch.full_like(out, sum(tokens) / 12)), out[0, 0, :3]
+
+
+def test_select_keys_for_inspection():
+    q, k, _ = inputs(2, 3, (16, 16), (16, 16), 8, 8, seed=4)
+    spec = AttentionSpec(2, 3, 256, 256, 8, 8, q_hw=(16, 16), kv_hw=(16, 16), dtype=torch.float64)
+    geom = registry.create("gpa.torch", downsample=2, cell=2, topk=4).geometry(spec)
+    keys, relevance = select_keys(q, k, geom, with_relevance=True)
+    assert keys.shape == relevance.shape == (2, 3, geom.m, 4)
+    assert torch.all(keys.diff(dim=-1) > 0), "kept keys are listed in ascending order"
+    # Every kept key is at least as relevant as every key not kept.
+    q_low = torch.nn.functional.avg_pool2d(q.reshape(6, 16, 16, 8).permute(0, 3, 1, 2), 2)
+    k_low = torch.nn.functional.avg_pool2d(k.reshape(6, 16, 16, 8).permute(0, 3, 1, 2), 2)
+    attn = (8**-0.5 * q_low.flatten(2).transpose(1, 2) @ k_low.flatten(2)).softmax(
+        -1
+    )  # (6, 64, 64)
+    cells = attn.reshape(6, 4, 2, 4, 2, 64).sum(dim=(2, 4)).reshape(2, 3, 16, 64)
+    torch.testing.assert_close(cells.gather(-1, keys), relevance)
+    dropped = cells.scatter(-1, keys, float("-inf")).amax(-1)
+    assert torch.all(relevance.amin(-1) >= dropped)
+
+
+def test_torch_backend_gradcheck():
+    q, k, v = inputs(1, 2, (4, 4), (4, 6), 3, 2, seed=5, grad=True)
+    impl = registry.create("gpa.torch", downsample=2, cell=1, topk=3)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: impl(q, k, v, q_hw=(4, 4), kv_hw=(4, 6)), (q, k, v)
+    )
+
+
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+def test_torch_backend_gradients_equal_reference(affinity):
+    params = {"downsample": 2, "cell": 2, "topk": 4, "affinity": affinity}
+    grads = []
+    for name in ("gpa.reference", "gpa.torch"):
+        q, k, v = inputs(2, 1, (8, 8), (6, 10), 5, 3, seed=6, grad=True)
+        out = registry.create(name, **params)(q, k, v, q_hw=(8, 8), kv_hw=(6, 10))
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape))
+        grads.append([t.grad for t in (q, k, v)])
+    for which, ref, got in zip("qkv", *grads):
+        torch.testing.assert_close(
+            got, ref, rtol=1e-10, atol=1e-12, msg=lambda m, w=which: f"d{w}: {m}"
+        )
+
+
+@pytest.mark.parametrize(
+    "params, q_hw, kv_hw, expected",
+    [
+        (
+            {"downsample": 4, "cell": 2},
+            (30, 32),
+            (32, 32),
+            "q map height 30 is not divisible by downsample d=4",
+        ),
+        (
+            {"downsample": 2, "cell": 2},
+            (14, 16),
+            (16, 16),
+            "q map height 14 is not divisible by d*s = 2*2 = 4",
+        ),
+        (
+            {"downsample": 4, "cell": 2},
+            (32, 32),
+            (32, 30),
+            "kv map width 30 is not divisible by downsample d=4",
+        ),
+        (
+            {"downsample": 4, "cell": 4},
+            (8, 8),
+            (8, 8),
+            "cell=4 is larger than the low-res query grid 2x2",
+        ),
+        (
+            {"downsample": 4, "topk": 12},
+            (8, 8),
+            (8, 8),
+            "topk=12 exceeds the 4 low-res keys (kv map 8x8 / d=4 -> 2x2",
+        ),
+        (
+            {"phase1_res": 48},
+            (64, 64),
+            (64, 64),
+            "phase1_res=48 does not divide the query map's longer side 64",
+        ),
+        ({}, (32, 32), (32, 32), "phase1_res=64 is larger than the query map's longer side 32"),
+    ],
+)
+@pytest.mark.parametrize("name", ["gpa.reference", *FAST_BACKENDS])
+def test_impossible_sizes_name_the_size_and_factor(name, params, q_hw, kv_hw, expected):
+    q, k, v = inputs(1, 1, q_hw, kv_hw, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError) as err:
+        registry.create(name, **params)(q, k, v, q_hw=q_hw, kv_hw=kv_hw)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        (
+            {"downsample": 0},
+            "parameter downsample=0 is not allowed (allowed: an integer >= 1 or None)",
+        ),
+        ({"topk": 0}, "parameter topk=0 is not allowed"),
+        ({"affinity": "cosine"}, "allowed: one of 'dot', 'euclid'"),
+        ({"downsample": 2, "phase1_res": 32}, "give downsample or phase1_res, not both"),
+    ],
+)
+def test_bad_parameters(params, expected):
+    with pytest.raises(ValueError) as err:
+        registry.create("gpa.torch", **params)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["gpa.reference", *FAST_BACKENDS])
+def test_small_maps_work(name):
+    # The released module fails below 128 px; any size the algorithm allows must work here.
+    for hw, params in [
+        ((2, 2), {"downsample": 1, "cell": 1, "topk": 2}),
+        ((8, 8), {"phase1_res": 4}),
+    ]:
+        q, k, v = inputs(1, 1, hw, hw, 4, 4, dtype=torch.float32)
+        out = registry.create(name, **params)(q, k, v, q_hw=hw, kv_hw=hw)
+        assert out.shape == (1, 1, hw[0] * hw[1], 4) and torch.isfinite(out).all()
+
+
+def test_labels_and_resolution():
+    impl = registry.create("gpa.torch")
+    assert impl.label == "gpa.torch(res=64,s=2,k=12)"
+    assert impl.label_for(AttentionSpec.square(256, 160)) == "gpa.torch(d=4,s=2,k=12)"
+    assert impl.geometry(AttentionSpec.square(256, 160)).m == 32 * 32
+    euclid = registry.create("gpa.flex", downsample=2, topk=4, affinity="euclid")
+    assert euclid.label == "gpa.flex(d=2,s=2,k=4,euclid)"
+
+
+def test_pivot_flops():
+    # DESIGN.md: 256 x 256, C = Cv = 160, pivot: 13.4 GFLOP against 2,749 for exact attention.
+    spec = AttentionSpec.square(256, 160)
+    gpa = registry.create("gpa.torch")
+    phase1, phase2 = gpa.phase_flops(spec)
+    assert phase1 == 2 * 4096 * 4096 * 160
+    assert phase2 == 2 * 65536 * 12 * 16 * 320
+    assert round(gpa.flops(spec) / 1e8) == 134
+    assert round(spec.exact_flops() / gpa.flops(spec)) == 205
+    assert gpa.flops(spec, backward=True) == phase1 + 3 * phase2
+
+
+def test_flex_limits_are_reasons():
+    flex = registry.create("gpa.flex", downsample=2, cell=2, topk=4)
+    grad_cpu = AttentionSpec.square(16, 8, requires_grad=True)
+    assert any("forward-only" in r for r in flex.unsupported_reasons(grad_cpu))
+    with pytest.raises(
+        UnsupportedError, match="FlexAttention's compiled CPU kernel is forward-only"
+    ):
+        q, k, v = inputs(1, 1, (16, 16), (16, 16), 8, 8, dtype=torch.float32, grad=True)
+        flex(q, k, v, q_hw=(16, 16), kv_hw=(16, 16))
+    cuda = AttentionSpec.square(16, 8, device="cuda")
+    reasons = flex.unsupported_reasons(cuda)
+    assert "key block size 4 on device=cuda" in " ".join(reasons)
+    assert registry.create("gpa.flex", downsample=4, cell=1, topk=4).unsupported_reasons(cuda) == []
