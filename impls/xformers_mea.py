@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from attnbench.impls.full import SCALE
 
+from attnbench.impls.full import SCALE
 from attnbench.registry import Attention, UnsupportedError, register
 from attnbench.spec import AttentionSpec
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from attnbench.registry import Attention, Param
 from attnbench.spec import AttentionSpec
 
