@@ -20,6 +20,13 @@ def test_register_your_own_attention_example_runs(fresh_python):
 
 
 def test_usage_example_runs(fresh_python):
-    (code,) = python_blocks("Usage")
+    code = python_blocks("Usage")[0]
     proc = fresh_python(code + "\nassert out.shape == (1, 2, 1024, 96), out.shape\n")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpa_example_runs(fresh_python):
+    (code,) = python_blocks("Usage")[1:]
+    proc = fresh_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "gpa.torch(d=4,s=2,k=8) (1, 1, 256, 8)"

@@ -99,6 +99,7 @@ class GPAFlex(GPABase):
             full_kv_indices=kv_indices,
             BLOCK_SIZE=(geom.cell_side**2, geom.d**2),
             seq_lengths=(spec.q_tokens, spec.kv_tokens),
+            compute_q_blocks=spec.requires_grad,  # the transposed indices serve backward only
         )
 
         q_cells = to_blocks(q, geom.q_hw, geom.cell_side)  # (B, H, Nq, C), cell-major

@@ -1,0 +1,125 @@
+"""GPA against exact attention at the paper's pivot: one 256 x 256 map, C = 160, forward.
+
+Usage:
+    .venv/bin/python benchmarks/gpa_pivot.py [--size 256] [--channels 160] [--json FILE]
+
+q = k = v = [1, 1, size², C]; GPA at the DeepFashion pivot (phase 1 at 64 x 64, cells 2 x 2,
+κ = 12); every implementation runs the same inputs in this process. Prints, per
+implementation: median forward time (and IQR), first call, speed-up over full.sdpa, useful
+GFLOP/s and its fraction of this machine's dense fp32 2048³ matmul rate, and peak memory above
+the inputs against the output's bytes. For gpa.torch, phase 1 (key selection) and phase 2
+(attention over the selected blocks) are also timed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from attnbench import __version__, registry
+from attnbench.impls.gpa import grid_attention, select_keys
+from attnbench.measure import device_name, matmul_gflops, peak_memory, time_call
+from attnbench.spec import AttentionSpec
+
+IMPLS = ["full.sdpa", "gpa.torch", "gpa.flex", "gpa.reference"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="map side (default 256)")
+    parser.add_argument("--channels", type=int, default=160, help="C = Cv (default 160)")
+    parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per timing")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    n, c = args.size, args.channels
+    hw = (n, n)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n * n, c, generator=gen) for _ in range(3))
+    spec = AttentionSpec.from_inputs(q, k, v, hw, hw)
+    peak = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device_name()}")
+    print(f"dense fp32 2048^3 matmul: {peak:.0f} GFLOP/s")
+    print(f"inputs 3 x [1, 1, {n * n}, {c}] fp32; output {spec.output_bytes / 2**20:.1f} MiB\n")
+
+    rows = []
+    with torch.no_grad():
+        for name in IMPLS:
+            impl = registry.create(name)
+            label = impl.label_for(spec)
+            reasons = impl.unsupported_reasons(spec)
+            if reasons:
+                rows.append({"impl": label, "status": "unsupported", "reason": "; ".join(reasons)})
+                continue
+            fn = lambda impl=impl: impl(q, k, v, q_hw=hw, kv_hw=hw)  # noqa: E731
+            run_time = 0.1 if name == "full.sdpa" else args.min_run_time
+            t = time_call(fn, min_run_time=run_time)
+            mem = peak_memory(fn)
+            flops = impl.flops(spec)
+            rows.append(
+                {
+                    "impl": label,
+                    "status": "ok",
+                    "time_ms": t.median_ms,
+                    "iqr_ms": t.iqr_ms,
+                    "first_ms": t.first_ms,
+                    "runs": t.runs,
+                    "gflops": flops / t.median_ms / 1e6,
+                    "peak_fraction": flops / t.median_ms / 1e6 / peak,
+                    "mem_bytes": mem,
+                    "mem_over_output": mem / spec.output_bytes,
+                }
+            )
+
+        gpa = registry.create("gpa.torch")
+        geom = gpa.geometry(spec)
+        keys = select_keys(q, k, geom)
+        phase1, phase2 = gpa.phase_flops(spec)
+        t1 = time_call(lambda: select_keys(q, k, geom), min_run_time=args.min_run_time)
+        t2 = time_call(lambda: grid_attention(q, k, v, keys, geom), min_run_time=args.min_run_time)
+
+    sdpa_ms = rows[0].get("time_ms")
+    print(
+        f"{'implementation':28} {'median ms':>10} {'IQR':>6} {'first':>8} {'speed-up':>9} "
+        f"{'GFLOP/s':>8} {'of peak':>8} {'mem MiB':>8} {'x out':>6}"
+    )
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['impl']:28} {r['status']}: {r['reason']}")
+            continue
+        r["speedup_vs_sdpa"] = sdpa_ms / r["time_ms"] if sdpa_ms else None
+        print(
+            f"{r['impl']:28} {r['time_ms']:10.1f} {r['iqr_ms']:6.1f} {r['first_ms']:8.0f} "
+            f"{r['speedup_vs_sdpa']:8.1f}x {r['gflops']:8.0f} {r['peak_fraction']:8.0%} "
+            f"{r['mem_bytes'] / 2**20:8.1f} {r['mem_over_output']:6.2f}"
+        )
+    phases = {
+        "phase1_ms": t1.median_ms,
+        "phase1_gflops": phase1 / t1.median_ms / 1e6,
+        "phase2_ms": t2.median_ms,
+        "phase2_gflops": phase2 / t2.median_ms / 1e6,
+    }
+    print(
+        f"\ngpa.torch phases: phase 1 {t1.median_ms:.1f} ms "
+        f"({phases['phase1_gflops']:.0f} GFLOP/s, "
+        f"{phase1 / 1e9:.2f} GFLOP), phase 2 {t2.median_ms:.1f} ms "
+        f"({phases['phase2_gflops']:.0f} GFLOP/s, {phase2 / 1e9:.2f} GFLOP)"
+    )
+    if args.json:
+        context = {
+            "torch_version": torch.__version__,
+            "attnbench_version": __version__,
+            "threads": torch.get_num_threads(),
+            "device_name": device_name(),
+            "matmul_gflops": peak,
+            "size": n,
+            "channels": c,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"context": context, "rows": rows, "gpa_torch_phases": phases}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
