@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m attnbench list
+	$(PY) -m attnbench run suites/quick.yaml --out runs --overwrite
 
 test: setup
 	$(PY) -m pytest

@@ -11,9 +11,12 @@ import sys
 
 EXAMPLES = """\
 examples:
-  attnbench list                       what runs on this machine, and why not
-  attnbench list 'gpa.*' --format json machine-readable, filtered by a wildcard
-  attnbench list --device cuda         availability on another device type
+  attnbench list                                   what runs here, and why not
+  attnbench list 'gpa.*' --format json             machine-readable, filtered by a wildcard
+  attnbench validate suites/*.yaml                 check suites without running them
+  attnbench run suites/quick.yaml --out /tmp/ab    measure; rows in /tmp/ab/quick-<device>.jsonl
+  attnbench run suites/micro.yaml --resume         continue an interrupted run
+  attnbench run suites/micro.yaml --shard 2/4      the second of four shares of the cases
 """
 
 
@@ -77,6 +80,57 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from attnbench.suite import SuiteError, load_suite
+
+    failed = 0
+    for file in args.files:
+        try:
+            suite = load_suite(file)
+        except SuiteError as err:
+            failed += 1
+            print(err, file=sys.stderr)
+        else:
+            print(f"{file}: ok ({suite.kind} suite {suite.name!r})")
+    return 1 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from attnbench.runner import parse_shard, run_suite, summary_table
+    from attnbench.suite import SuiteError, load_suite
+
+    try:
+        suite = load_suite(args.suite)
+        shard = parse_shard(args.shard)
+    except (SuiteError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    try:
+        path, rows = run_suite(
+            suite,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            shard=shard,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: every finished case is in {args.out}; run again with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    from attnbench.results import read_rows
+
+    print(summary_table(read_rows([path])))
+    print(f"\n{len(rows)} new rows; all rows in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from attnbench import __version__
 
@@ -99,6 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--device", help="device type to check (default: cuda if usable, else cpu)")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("validate", help="check suite files without running anything")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "run",
+        help="run a suite, one result row per case",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("suite", metavar="SUITE", help="a suite file (suites/*.yaml)")
+    p.add_argument("--out", default="results/raw", help="directory of the results file")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="skip cases whose rows exist")
+    how.add_argument("--overwrite", action="store_true", help="start the results file afresh")
+    p.add_argument("--shard", default="1/1", metavar="i/N", help="run the i-th of N shares")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

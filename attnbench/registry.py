@@ -241,6 +241,12 @@ class Attention:
         """Compute the output for validated inputs; ``spec`` describes them."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
+    def timed_parts(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+    ) -> dict[str, Callable[[], object]]:
+        """Parts of the forward pass the harness can time apart (e.g. GPA's ``phase1``)."""
+        return {}
+
     def flops(self, spec: AttentionSpec, backward: bool = False) -> int:
         """Useful FLOPs of one call (multiply-add = 2; softmax, pooling not counted).
 

@@ -221,6 +221,13 @@ class GPABase(Attention):
         )
         return self.label if geom is None else self._label(f"d={geom.d}")
 
+    def timed_parts(self, q, k, v, spec):
+        from attnbench.impls.gpa.vectorised import select_keys
+
+        geom = self.geometry(spec)
+        scale = self.scale_for(spec.channels)
+        return {"phase1": lambda: select_keys(q, k, geom, self.params["affinity"], scale)}
+
     def phase_flops(self, spec: AttentionSpec) -> tuple[int, int]:
         """Useful forward FLOPs of (phase 1, phase 2) over all batches and heads.
 

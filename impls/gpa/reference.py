@@ -90,6 +90,9 @@ class GPAReference(GPABase):
 
     DEVICES = ("cpu",)
 
+    def timed_parts(self, q, k, v, spec):
+        return {}  # phase 1 runs inside the per-cell loop; it cannot be timed apart
+
     def forward(self, q, k, v, spec):
         return self.run(q, k, v, spec)[0]
 

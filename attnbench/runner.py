@@ -1,0 +1,372 @@
+"""Run a micro suite: measure every case the same way and write one row per case at once.
+
+Per case: the implementation's own reasons first (unsupported), then the analytic memory
+estimate against the budget (oom, predicted), then the measurements: time and peak memory
+for the forward pass (no gradient) and forward+backward, FLOP rate against this run's matmul
+rate, and fidelity against exact fp64 attention on the CPU. Anything that goes wrong becomes
+the row's status and reason; the run goes on. Rows are appended and fsynced as each case ends,
+so an interrupted run loses nothing and ``resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attnbench import registry
+from attnbench.inputs import make_inputs
+from attnbench.measure import matmul_gflops, peak_memory, time_call
+from attnbench.results import MICRO_KEYS, append_row, context, now, read_rows
+from attnbench.spec import AttentionSpec
+from attnbench.suite import MicroCase, MicroSuite, expand
+
+EXTRA_KEYS = (
+    "v_channels", "inputs", "directions", "time_fwd_first_ms", "time_fwdbwd_iqr_ms",
+    "time_fwdbwd_first_ms", "time_phase1_ms", "mem_predicted_bytes", "warnings",
+)  # fmt: skip
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> cuda when usable, else cpu; an unusable cuda is an error."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device=cuda was requested but CUDA is not available here (allowed: auto, cpu)"
+        )
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device={requested!r} (allowed: auto, cpu, cuda)")
+    return requested
+
+
+def available_memory(device: str) -> int:
+    """Bytes the process can still allocate: MemAvailable, or the GPU's free memory."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def output_path(suite: MicroSuite, device: str, out_dir: str | Path) -> Path:
+    """``<out_dir>/<suite>-<device>.jsonl``."""
+    return Path(out_dir) / f"{suite.name}-{device}.jsonl"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 1 <= i <= N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r} (allowed: i/N with integers, e.g. 1/4)") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard {text!r} (allowed: 1 <= i <= N)")
+    return i, n
+
+
+def _spec(case: MicroCase, requires_grad: bool = False) -> AttentionSpec:
+    return AttentionSpec(
+        batch=case.batch,
+        heads=case.heads,
+        q_tokens=case.q_hw[0] * case.q_hw[1],
+        kv_tokens=case.kv_hw[0] * case.kv_hw[1],
+        channels=case.channels,
+        v_channels=case.v_channels,
+        q_hw=case.q_hw,
+        kv_hw=case.kv_hw,
+        dtype=getattr(torch, case.dtype),
+        device=case.device,
+        requires_grad=requires_grad,
+    )
+
+
+def empty_row(case: MicroCase, ctx: dict) -> dict:
+    """Every key a micro row has, metrics null until measured."""
+    row = {
+        "suite": case.suite,
+        "kind": "micro",
+        "case_id": case.case_id,
+        "impl": case.impl,
+        "params": case.params_dict,
+        "label": case.impl,
+        "status": "ok",
+        "reason": None,
+        **ctx,
+        "dtype": case.dtype,
+        "timestamp": None,
+        "seed": case.seed,
+    }
+    row.update(dict.fromkeys(MICRO_KEYS))
+    row.update(dict.fromkeys(EXTRA_KEYS))
+    row.update(
+        batch=case.batch,
+        heads=case.heads,
+        q_h=case.q_hw[0],
+        q_w=case.q_hw[1],
+        kv_h=case.kv_hw[0],
+        kv_w=case.kv_hw[1],
+        channels=case.channels,
+        v_channels=case.v_channels,
+        inputs=case.family,
+        directions=list(case.directions),
+        warnings=[],
+    )
+    return row
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64."""
+    return ((got.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def copy_psnr(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> float:
+    """PSNR (dB, data range 1) of the copied image against the warped one, valid pixels."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    mask = valid[..., None].expand_as(target)
+    got = out.double().cpu().clamp(0, 1)[mask]
+    return peak_signal_noise_ratio(got, target[mask], data_range=1.0).item()
+
+
+def measure_fidelity(impl, inputs, spec: AttentionSpec, with_grad: bool) -> dict:
+    """Errors of outputs (and input gradients) against exact fp64 attention on the CPU."""
+    scale = impl.params.get("scale")
+    ref_in = [t.detach().clone().requires_grad_(with_grad) for t in (inputs.q, inputs.k, inputs.v)]
+    ref = F.scaled_dot_product_attention(*ref_in, scale=scale)
+    args = [
+        t.detach().to(device=spec.device, dtype=spec.dtype).requires_grad_(with_grad)
+        for t in ref_in
+    ]
+    grad_spec = dataclasses.replace(spec, requires_grad=with_grad)
+    out = impl.forward(*args, grad_spec)
+    result = {"rel_err_out": relative_error(out, ref.detach())}
+    if inputs.target is not None:
+        result["copy_psnr"] = copy_psnr(out.detach(), inputs.target, inputs.valid)
+    if with_grad:
+        g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref.backward(g)
+        out.backward(g.to(device=spec.device, dtype=spec.dtype))
+        got = torch.cat([t.grad.double().cpu().flatten() for t in args])
+        want = torch.cat([t.grad.flatten() for t in ref_in])
+        result["rel_err_grad"] = relative_error(got, want)
+    return result
+
+
+def measure_case(
+    case: MicroCase,
+    ctx: dict,
+    peak_gflops: float | None,
+    budget_bytes: float,
+    min_run_time: float,
+) -> dict:
+    """One row: the case's measurements, or its status and reason."""
+    row = empty_row(case, ctx)
+    impl = registry.create(case.impl, **case.params_dict)
+    spec = _spec(case)
+    row["label"] = impl.label_for(spec)
+    reasons = impl.unsupported_reasons(spec)
+    if reasons:
+        row.update(status="unsupported", reason="; ".join(reasons))
+        return row
+
+    want_bwd = "fwdbwd" in case.directions
+    grad_spec = dataclasses.replace(spec, requires_grad=True)
+    bwd_reasons = impl.unsupported_reasons(grad_spec) if want_bwd else []
+    backward = want_bwd and not bwd_reasons
+    estimate = impl.memory_bytes(spec, backward=backward)
+    if estimate is not None:
+        row["mem_predicted_bytes"] = estimate
+        needed = estimate + spec.input_bytes * (2 if backward else 1)
+        if needed > budget_bytes:
+            row.update(
+                status="oom",
+                reason=f"predicted: needs {needed / 2**30:.2f} GiB, over the memory budget "
+                f"{budget_bytes / 2**30:.2f} GiB",
+            )
+            return row
+    notes = []
+    if bwd_reasons:
+        notes.append("fwdbwd not measured: " + "; ".join(bwd_reasons))
+    device, dtype = spec.device, spec.dtype
+    try:
+        inputs = make_inputs(case.family, spec, case.seed)
+        q, k, v = (t.to(device=device, dtype=dtype) for t in (inputs.q, inputs.k, inputs.v))
+        if "fwd" in case.directions:
+            with torch.no_grad():
+                fwd = lambda: impl.forward(q, k, v, spec)  # noqa: E731
+                if "time" in case.metrics:
+                    t = time_call(fwd, device, min_run_time)
+                    flops = impl.flops(spec)
+                    row.update(
+                        time_fwd_ms=t.median_ms,
+                        time_fwd_iqr_ms=t.iqr_ms,
+                        time_fwd_first_ms=t.first_ms,
+                        flops_fwd=flops,
+                        gflops_fwd=flops / t.median_ms / 1e6,
+                        peak_gflops=peak_gflops,
+                        peak_fraction=flops / t.median_ms / 1e6 / peak_gflops,
+                    )
+                    if t.noisy:
+                        row["warnings"].append(
+                            f"time_fwd: IQR {t.iqr_ms / t.median_ms:.0%} of the median"
+                        )
+                    parts = impl.timed_parts(q, k, v, spec)
+                    if "phase1" in parts:
+                        row["time_phase1_ms"] = time_call(
+                            parts["phase1"], device, min_run_time
+                        ).median_ms
+                if "memory" in case.metrics:
+                    row["mem_fwd_bytes"] = peak_memory(fwd, device)
+        if backward and ("time" in case.metrics or "memory" in case.metrics):
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            grad_out = torch.randn(
+                case.batch, case.heads, spec.q_tokens, spec.v_channels, device=device, dtype=dtype
+            )
+
+            def fwdbwd():
+                for t in (qg, kg, vg):
+                    t.grad = None
+                impl.forward(qg, kg, vg, grad_spec).backward(grad_out)
+
+            if "time" in case.metrics:
+                t = time_call(fwdbwd, device, min_run_time)
+                row.update(
+                    time_fwdbwd_ms=t.median_ms,
+                    time_fwdbwd_iqr_ms=t.iqr_ms,
+                    time_fwdbwd_first_ms=t.first_ms,
+                )
+                if t.noisy:
+                    row["warnings"].append(
+                        f"time_fwdbwd: IQR {t.iqr_ms / t.median_ms:.0%} of the median"
+                    )
+            if "memory" in case.metrics:
+                row["mem_fwdbwd_bytes"] = peak_memory(fwdbwd, device)
+        if "fidelity" in case.metrics:
+            row.update(measure_fidelity(impl, inputs, spec, backward))
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        row.update(status="oom", reason=f"{type(err).__name__}: {err}".strip())
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    except Exception as err:  # a failing case becomes a row; the run goes on
+        row.update(status="error", reason=f"{type(err).__name__}: {err}")
+    if notes and row["status"] == "ok":
+        row["reason"] = "; ".join(notes)
+    for key in ("rel_err_out", "rel_err_grad", "copy_psnr", "peak_fraction", "gflops_fwd"):
+        if row[key] is not None and not math.isfinite(row[key]):
+            row["warnings"].append(f"{key} was {row[key]}; stored as null")
+            row[key] = None
+    return row
+
+
+def _budget_key(case: MicroCase) -> tuple:
+    return case.impl, case.params, case.channels, case.family, case.directions
+
+
+def run_suite(
+    suite: MicroSuite,
+    out_dir: str | Path = "results/raw",
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard: tuple[int, int] = (1, 1),
+    device: str | None = None,
+    progress: bool = True,
+    min_run_time: float | None = None,
+) -> tuple[Path, list[dict]]:
+    """Run ``suite`` (or its ``shard`` i/N share), appending rows to its results file.
+
+    Returns:
+        The results file and the rows written by this call.
+    Raises:
+        ValueError: the file exists and neither ``resume`` nor ``overwrite`` is set, or a bad
+        device or shard.
+    """
+    from tqdm import tqdm
+
+    device = resolve_device(device or suite.device)
+    path = output_path(suite, device, out_dir)
+    if path.exists() and path.stat().st_size and not (resume or overwrite):
+        raise ValueError(
+            f"{path} already holds rows: pass --resume to continue it, --overwrite to start it "
+            "afresh, or --out to write elsewhere"
+        )
+    if overwrite and path.exists():
+        path.unlink()
+    done = {r.get("case_id") for r in read_rows([path])} if resume and path.exists() else set()
+    i, n = shard
+    cases = [c for idx, c in enumerate(expand(suite, device)) if idx % n == i - 1]
+    todo = [c for c in cases if c.case_id not in done]
+
+    ctx = context(device)
+    run_time = suite.timing.min_run_time if min_run_time is None else min_run_time
+    wants_time = "time" in suite.metrics and todo
+    peak = matmul_gflops(device=device, min_run_time=run_time) if wants_time else None
+    budget = suite.memory_budget * available_memory(device)
+    time_budget = suite.timing.time_budget_s
+    limits: dict[tuple, tuple[int, str]] = {}  # larger maps than these are skipped
+
+    rows = []
+    bar = tqdm(todo, disable=not progress, unit="case", dynamic_ncols=True)
+    for case in bar:
+        bar.set_description(f"{case.impl} {case.q_hw[0]}x{case.q_hw[1]}")
+        size = case.q_hw[0] * case.q_hw[1] * case.kv_hw[0] * case.kv_hw[1]
+        limit = limits.get(_budget_key(case))
+        if limit and size >= limit[0]:
+            row = empty_row(case, ctx)
+            row.update(status="unsupported", reason=limit[1])
+        else:
+            row = measure_case(case, ctx, peak, budget, run_time)
+        row["timestamp"] = now()
+        append_row(path, row)
+        rows.append(row)
+        slowest = max(
+            (row[k] or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms")), default=0.0
+        )
+        where = f"{case.q_hw[0]}x{case.q_hw[1]}"
+        if time_budget and slowest > time_budget * 1e3:
+            limits.setdefault(
+                _budget_key(case),
+                (
+                    size,
+                    f"skipped: one call at {where} took {slowest / 1e3:.1f} s, over the "
+                    f"time budget {time_budget:g} s",
+                ),
+            )
+        elif row["status"] == "oom":
+            limits.setdefault(_budget_key(case), (size, f"skipped: out of memory at {where}"))
+    return path, rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A Markdown table of the rows, one line per case."""
+    import pandas as pd
+
+    def mib(x):
+        return None if x is None else x / 2**20
+
+    records = [
+        {
+            "implementation": r["label"],
+            "q map": f"{r['q_h']}x{r['q_w']}",
+            "kv map": f"{r['kv_h']}x{r['kv_w']}",
+            "C": r["channels"],
+            "inputs": r.get("inputs"),
+            "status": r["status"],
+            "fwd ms": r.get("time_fwd_ms"),
+            "fwd+bwd ms": r.get("time_fwdbwd_ms"),
+            "fwd MiB": mib(r.get("mem_fwd_bytes")),
+            "fwd+bwd MiB": mib(r.get("mem_fwdbwd_bytes")),
+            "GFLOP/s": r.get("gflops_fwd"),
+            "rel. error": r.get("rel_err_out"),
+        }
+        for r in rows
+    ]
+    frame = pd.DataFrame(records).dropna(axis=1, how="all")
+    frame = frame.astype(object).where(frame.notna(), None)  # blanks, not "nan"
+    return frame.to_markdown(index=False, floatfmt=".3g", missingval="")

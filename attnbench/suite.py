@@ -1,0 +1,357 @@
+"""Suites: YAML files validated into frozen dataclasses before anything runs.
+
+A micro suite declares what to measure; its cases are the product of the implementations
+(a list value in ``params`` sweeps that parameter), the maps, the channels and the input
+families. Errors name the file, the key path and what is allowed; ``attnbench validate``
+reports them without running anything.
+
+    name: quick                 # default: the file's stem
+    kind: micro
+    include: common.yaml        # optional: shared settings, overridden by this file
+    plugins: [mypackage.attn]   # optional: modules that register implementations
+    implementations:
+      - name: full.sdpa
+      - name: gpa.torch
+        params: {phase1_res: 16, topk: [4, 12]}
+    maps: [32, [64, 32], {q: [64, 64], kv: [32, 32]}]   # side, [h, w], or q and kv maps
+    channels: [64]
+    directions: [fwd, fwdbwd]
+    metrics: [time, memory, fidelity]
+    inputs: [gaussian]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+CONFIG = ConfigDict(extra="forbid", strict=False)
+PositiveInt = Annotated[int, Field(ge=1)]
+Direction = Literal["fwd", "fwdbwd"]
+Metric = Literal["time", "memory", "fidelity"]
+Family = Literal["gaussian", "smooth", "warp-copy"]
+DType = Literal["float16", "bfloat16", "float32", "float64"]
+
+
+class SuiteError(ValueError):
+    """A suite file is wrong; ``problems`` lists each as 'file: key.path: message'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True, config=CONFIG)
+class ImplEntry:
+    """One implementation; a list value in ``params`` sweeps that parameter."""
+
+    name: str
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class MapSize:
+    """Query map and key/value map, (height, width) each."""
+
+    q: tuple[PositiveInt, PositiveInt]
+    kv: tuple[PositiveInt, PositiveInt]
+
+
+@dataclass(frozen=True, config=CONFIG)
+class TimingConfig:
+    """``min_run_time``: seconds of timed runs per measurement (after the first call).
+    ``time_budget_s``: once a call of an implementation takes longer, its larger maps are
+    skipped (rows with the reason)."""
+
+    min_run_time: Annotated[float, Field(gt=0)] = 0.5
+    time_budget_s: Annotated[float, Field(gt=0)] | None = None
+
+
+@dataclass(frozen=True, config=CONFIG)
+class MicroSuite:
+    """A micro-benchmark suite (see the module docstring)."""
+
+    name: str
+    implementations: Annotated[tuple[ImplEntry, ...], Field(min_length=1)]
+    maps: Annotated[tuple[MapSize, ...], Field(min_length=1)]
+    kind: Literal["micro"] = "micro"
+    channels: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (64,)
+    v_channels: PositiveInt | None = None
+    batch: PositiveInt = 1
+    heads: PositiveInt = 1
+    dtype: DType = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    directions: Annotated[tuple[Direction, ...], Field(min_length=1)] = ("fwd", "fwdbwd")
+    metrics: Annotated[tuple[Metric, ...], Field(min_length=1)] = ("time", "memory")
+    inputs: Annotated[tuple[Family, ...], Field(min_length=1)] = ("gaussian",)
+    timing: TimingConfig = TimingConfig()
+    memory_budget: Annotated[float, Field(gt=0, le=1)] = 0.7
+    seed: int = 0
+    plugins: tuple[str, ...] = ()
+    include: str | None = None
+
+    @field_validator("maps", mode="before")
+    @classmethod
+    def _expand_maps(cls, value):
+        if not isinstance(value, list | tuple):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, int) and not isinstance(item, bool):
+                out.append({"q": (item, item), "kv": (item, item)})
+            elif isinstance(item, list | tuple):
+                out.append({"q": tuple(item), "kv": tuple(item)})
+            elif isinstance(item, dict) and "kv" not in item and "q" in item:
+                out.append({**item, "kv": item["q"]})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("channels", "directions", "metrics", "inputs", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value):
+        return [value] if isinstance(value, int | str) else value
+
+
+Suite = MicroSuite  # the training suites join here as a union
+SUITE_TYPES = {"micro": MicroSuite}
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroCase:
+    """One measured configuration: an implementation with resolved parameters on one input."""
+
+    suite: str
+    impl: str
+    params: tuple[tuple[str, Any], ...]
+    q_hw: tuple[int, int]
+    kv_hw: tuple[int, int]
+    channels: int
+    v_channels: int
+    batch: int
+    heads: int
+    dtype: str
+    device: str
+    directions: tuple[str, ...]
+    metrics: tuple[str, ...]
+    family: str
+    seed: int
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def case_id(self) -> str:
+        """Stable hash of everything that determines the measurement."""
+        config = dataclasses.asdict(self)
+        config.pop("suite")
+        text = json.dumps(config, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _loc_text(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _field_type_at(root: type, loc: tuple) -> type | None:
+    """The dataclass that holds the last key of ``loc``, walking field annotations."""
+    current: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            args = [a for a in typing.get_args(current) if a is not Ellipsis]
+            current = args[0] if args else None
+        elif dataclasses.is_dataclass(current):
+            hints = typing.get_type_hints(current, include_extras=True)
+            current = hints.get(part)
+        else:
+            return None
+        while typing.get_origin(current) in (Annotated, Union, typing.Union) or (
+            current is not None and type(current).__name__ == "UnionType"
+        ):
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            current = args[0]
+    return current if dataclasses.is_dataclass(current) else None
+
+
+def _format_pydantic(file: str, root: type, err: ValidationError) -> list[str]:
+    problems = []
+    errors = err.errors()
+    locs = [tuple(e["loc"]) for e in errors]
+    for e in errors:
+        loc = tuple(e["loc"])
+        if any(other[: len(loc)] == loc and other != loc for other in locs):
+            continue  # a container's complaint about a member already reported
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            owner = _field_type_at(root, loc[:-1])
+            allowed = [f.name for f in dataclasses.fields(owner)] if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(
+                f"{file}: {_loc_text(loc)}: unknown key {loc[-1]!r}{hint} "
+                f"(allowed: {', '.join(allowed)})"
+            )
+        elif e["type"] == "missing":
+            problems.append(f"{file}: {_loc_text(loc)}: required key is missing")
+        else:
+            given = e.get("input")
+            problems.append(f"{file}: {_loc_text(loc)}: {e['msg']} (got {given!r})")
+    return problems
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping in ``path`` with its ``include:`` chain merged in (this file wins)."""
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise SuiteError([f"{path}: include: cycle ({chain})"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
+    except yaml.YAMLError as err:
+        raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
+    if not isinstance(data, dict):
+        raise SuiteError([f"{path}: (top level): must be a mapping of keys to values"])
+    include = data.get("include")
+    if include is None:
+        return data
+    if not isinstance(include, str):
+        raise SuiteError([f"{path}: include: must be a file path (got {include!r})"])
+    base = _load_yaml((path.parent / include).resolve(), (*seen, path))
+    base.pop("name", None)
+    return {**base, **data}
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read, merge includes, validate the schema and the implementations; raise SuiteError."""
+    path = Path(path)
+    data = _load_yaml(path.resolve())
+    data.setdefault("name", path.stem)
+    kind = data.get("kind", "micro")
+    if kind not in SUITE_TYPES:
+        raise SuiteError(
+            [f"{path}: kind: {kind!r} is not a suite kind (allowed: {', '.join(SUITE_TYPES)})"]
+        )
+    root = SUITE_TYPES[kind]
+    try:
+        suite = root(**data)
+    except ValidationError as err:
+        raise SuiteError(_format_pydantic(str(path), root, err)) from err
+    except TypeError as err:  # not a mapping of keyword arguments
+        raise SuiteError([f"{path}: {err}"]) from err
+    problems = check_suite(suite, str(path))
+    if problems:
+        raise SuiteError(problems)
+    return suite
+
+
+def sweep(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the list-valued parameters (others fixed)."""
+    keys = list(params)
+    values = [v if isinstance(v, list) else [v] for v in params.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def check_suite(suite: MicroSuite, file: str) -> list[str]:
+    """What the schema cannot see: implementation names, parameter values, combinations."""
+    from attnbench import registry
+
+    problems = []
+    try:
+        registry.import_plugins(list(suite.plugins))
+    except ValueError as err:
+        return [f"{file}: plugins: {err}"]
+    for i, entry in enumerate(suite.implementations):
+        where = f"{file}: implementations[{i}]"
+        try:
+            cls = registry.get(entry.name)
+        except ValueError as err:
+            problems.append(f"{where}.name: {err}")
+            continue
+        bad_value = False
+        for key, value in entry.params.items():
+            if key not in cls.PARAMS:
+                accepted = ", ".join(sorted(cls.PARAMS)) or "none"
+                problems.append(
+                    f"{where}.params.{key}: {entry.name} has no parameter {key!r} "
+                    f"(accepted parameters: {accepted})"
+                )
+                bad_value = True
+                continue
+            if isinstance(value, list) and not value:
+                problems.append(f"{where}.params.{key}: an empty list sweeps nothing")
+                bad_value = True
+            for v in value if isinstance(value, list) else [value]:
+                try:
+                    cls.PARAMS[key].validate(entry.name, key, v)
+                except ValueError as err:
+                    problems.append(f"{where}.params.{key}: {err}")
+                    bad_value = True
+        if bad_value:
+            continue
+        combination_errors = []
+        for combo in sweep(entry.params):
+            try:
+                registry.create(entry.name, **combo)
+            except ValueError as err:
+                if str(err) not in combination_errors:
+                    combination_errors.append(str(err))
+        problems += [f"{where}.params: {e}" for e in combination_errors]
+    if "warp-copy" in suite.inputs and suite.v_channels not in (None, 3):
+        problems.append(
+            f"{file}: v_channels: {suite.v_channels} cannot be used with inputs 'warp-copy' "
+            "(its values are RGB pixels: v_channels 3, or leave it unset)"
+        )
+    if set(suite.inputs) != {"gaussian"} and "fidelity" not in suite.metrics:
+        problems.append(
+            f"{file}: inputs: {list(suite.inputs)} only change the fidelity metric, which "
+            "metrics does not ask for (add 'fidelity' to metrics or use inputs: [gaussian])"
+        )
+    return problems
+
+
+def expand(suite: MicroSuite, device: str) -> list[MicroCase]:
+    """The cases of ``suite`` on ``device``, in a deterministic order."""
+    cases = []
+    for entry in suite.implementations:
+        for combo in sweep(entry.params):
+            for size in suite.maps:
+                for c in suite.channels:
+                    for family in suite.inputs:
+                        if family == "warp-copy":
+                            cv = 3
+                        else:
+                            cv = suite.v_channels or c
+                        cases.append(
+                            MicroCase(
+                                suite=suite.name,
+                                impl=entry.name,
+                                params=tuple(sorted(combo.items())),
+                                q_hw=tuple(size.q),
+                                kv_hw=tuple(size.kv),
+                                channels=c,
+                                v_channels=cv,
+                                batch=suite.batch,
+                                heads=suite.heads,
+                                dtype=suite.dtype,
+                                device=device,
+                                directions=tuple(suite.directions),
+                                metrics=tuple(suite.metrics),
+                                family=family,
+                                seed=suite.seed,
+                            )
+                        )
+    return cases

@@ -1,0 +1,239 @@
+"""Suites, the runner and result rows: validation, rows, resume, shards, failures as rows."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnbench import cli, registry, runner
+from attnbench.registry import Attention, register
+from attnbench.results import MICRO_KEYS, REQUIRED_KEYS, append_row, read_rows
+from attnbench.suite import SuiteError, expand, load_suite
+
+SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
+
+SMALL = """
+kind: micro
+implementations:
+  - name: full.sdpa
+  - name: xformers.mea
+  - name: none
+  - name: gpa.torch
+    params: {downsample: 2, topk: [2, 4]}
+maps: [8, {q: [8, 8], kv: [4, 8]}]
+channels: [8]
+metrics: [time, memory, fidelity]
+timing: {min_run_time: 0.01}
+"""
+
+
+def write(tmp_path, text, name="small.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def run(path, out, **kw):
+    return runner.run_suite(load_suite(path), out, progress=False, min_run_time=0.01, **kw)
+
+
+@pytest.mark.parametrize("path", SUITES, ids=[p.name for p in SUITES])
+def test_committed_suites_validate(path, capsys):
+    assert cli.main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_validate_names_a_misspelled_key(tmp_path, capsys):
+    path = write(tmp_path, SMALL.replace("min_run_time", "min_runtime"))
+    assert cli.main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: timing.min_runtime: unknown key 'min_runtime'" in err
+    assert "did you mean 'min_run_time'" in err
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("full.sdpa", "full.spda"), "implementations[0].name: unknown implementation 'full.spda'"),
+        (
+            ("topk: [2, 4]", "topk: [2, 0]"),
+            "implementations[3].params.topk: gpa.torch: parameter topk=0",
+        ),
+        (
+            ("channels: [8]", "channels: [0]"),
+            "channels[0]: Input should be greater than or equal to 1",
+        ),
+        (("kind: micro", "kind: macro"), "kind: 'macro' is not a suite kind (allowed: micro"),
+        (
+            ("metrics: [time, memory, fidelity]", "metrics: [time]\ninputs: [smooth]"),
+            "inputs: ['smooth'] only change the fidelity metric",
+        ),
+    ],
+)
+def test_validation_errors_name_file_key_and_allowed(tmp_path, change, expected):
+    path = write(tmp_path, SMALL.replace(*change))
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert f"{path}: {expected}" in str(err.value)
+
+
+def test_include_merges_and_this_file_wins(tmp_path):
+    write(tmp_path, "channels: [16]\nheads: 2\nmaps: [4]\n", "common.yaml")
+    path = write(tmp_path, "include: common.yaml\nheads: 3\nimplementations: [{name: none}]\n")
+    suite = load_suite(path)
+    assert (suite.channels, suite.heads, suite.name) == ((16,), 3, "small")
+    write(tmp_path, "include: small.yaml\n", "common.yaml")
+    with pytest.raises(SuiteError, match="include: cycle"):
+        load_suite(path)
+
+
+def test_rows_carry_every_key_and_unsupported_is_a_row(tmp_path):
+    path, rows = run(write(tmp_path, SMALL), tmp_path / "out")
+    assert path == tmp_path / "out" / "small-cpu.jsonl"
+    assert len(rows) == 4 * 2 + 2  # gpa.torch sweeps topk over two values
+    on_disk = read_rows([path])
+    assert [r["case_id"] for r in on_disk] == [r["case_id"] for r in rows]
+    for row in on_disk:
+        missing = set(REQUIRED_KEYS + MICRO_KEYS) - set(row)
+        assert not missing, f"{row['label']} lacks {missing}"
+    xf = [r for r in on_disk if r["impl"] == "xformers.mea"]
+    assert all(
+        r["status"] == "unsupported" and "device=cpu (supported: cuda)" in r["reason"] for r in xf
+    )
+    sdpa = next(r for r in on_disk if r["impl"] == "full.sdpa")
+    assert sdpa["status"] == "ok" and sdpa["time_fwd_ms"] > 0 and sdpa["time_fwdbwd_ms"] > 0
+    assert sdpa["rel_err_out"] < 1e-5 and sdpa["rel_err_grad"] < 1e-5
+    assert sdpa["peak_fraction"] > 0 and sdpa["flops_fwd"] == 2 * 64 * 64 * 16
+    gpa = [r for r in on_disk if r["impl"] == "gpa.torch"]
+    assert {r["label"] for r in gpa} == {"gpa.torch(d=2,s=2,k=2)", "gpa.torch(d=2,s=2,k=4)"}
+    assert all(r["time_phase1_ms"] > 0 for r in gpa)
+
+
+def test_existing_results_need_resume_or_overwrite(tmp_path):
+    path = write(tmp_path, "implementations: [{name: none}]\nmaps: [4]\nmetrics: [time]\n")
+    run(path, tmp_path)
+    with pytest.raises(ValueError, match="already holds rows: pass --resume .* --overwrite"):
+        run(path, tmp_path)
+    _, rows = run(path, tmp_path, overwrite=True)
+    assert len(read_rows([tmp_path / "small-cpu.jsonl"])) == len(rows) == 1
+
+
+def test_interrupted_run_resumes_without_repeating(tmp_path, monkeypatch):
+    path = write(tmp_path, SMALL)
+    measure = runner.measure_case
+    calls = []
+
+    def interrupt_third(*args, **kw):
+        calls.append(args[0].case_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return measure(*args, **kw)
+
+    monkeypatch.setattr(runner, "measure_case", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(path, tmp_path)
+    kept = read_rows([tmp_path / "small-cpu.jsonl"])
+    assert len(kept) == 2
+    calls.clear()
+    monkeypatch.setattr(runner, "measure_case", measure)
+    _, rows = run(path, tmp_path, resume=True)
+    final = read_rows([tmp_path / "small-cpu.jsonl"])
+    ids = [r["case_id"] for r in final]
+    assert len(ids) == len(set(ids)) == len(expand(load_suite(path), "cpu"))
+    assert final[:2] == kept, "rows written before the interruption are untouched"
+    assert {r["case_id"] for r in rows}.isdisjoint({r["case_id"] for r in kept})
+
+
+def test_shards_partition_the_cases(tmp_path):
+    path = write(tmp_path, SMALL.replace("metrics: [time, memory, fidelity]", "metrics: [time]"))
+    ids = []
+    for i in (1, 2, 3):
+        _, rows = run(path, tmp_path / f"s{i}", shard=(i, 3))
+        ids.append({r["case_id"] for r in rows})
+    every = {c.case_id for c in expand(load_suite(path), "cpu")}
+    assert set().union(*ids) == every and sum(map(len, ids)) == len(every)
+    assert runner.parse_shard("2/4") == (2, 4)
+    with pytest.raises(ValueError, match="allowed: 1 <= i <= N"):
+        runner.parse_shard("5/4")
+
+
+def test_truncated_last_line_is_skipped_and_next_row_survives(tmp_path):
+    path = tmp_path / "r.jsonl"
+    row = {k: None for k in REQUIRED_KEYS} | {"status": "ok", "case_id": "a"}
+    append_row(path, row)
+    with open(path, "a") as f:
+        f.write('{"case_id": "b", "stat')  # killed mid-write
+    with pytest.warns(UserWarning, match="r.jsonl:2: skipped a truncated"):
+        assert [r["case_id"] for r in read_rows([path])] == ["a"]
+    append_row(path, row | {"case_id": "c"})
+    with pytest.warns(UserWarning):
+        assert [r["case_id"] for r in read_rows([tmp_path])] == ["a", "c"]
+
+
+def test_predicted_oom_is_a_row_and_skips_nothing_else(tmp_path, monkeypatch):
+    # Budget: 5% of 1 GiB = 51 MiB. full.naive at 64x64 needs two 64 MiB score matrices.
+    monkeypatch.setattr(runner, "available_memory", lambda device: 2**30)
+    text = "implementations: [{name: full.naive}, {name: none}]\nmaps: [64]\nmemory_budget: 0.05\n"
+    _, rows = run(write(tmp_path, text), tmp_path)
+    naive, none = rows
+    assert naive["status"] == "oom" and naive["reason"].startswith("predicted: needs")
+    assert none["status"] == "ok"
+
+
+class Exploding(Attention):
+    def forward(self, q, k, v, spec):
+        raise RuntimeError("boom")
+
+
+class Slow(Attention):
+    def forward(self, q, k, v, spec):
+        time.sleep(0.05)
+        return torch.zeros(q.shape[:-1] + v.shape[-1:])
+
+
+@pytest.fixture
+def test_impls():
+    register("test.exploding")(Exploding)
+    register("test.slow")(Slow)
+    yield
+    registry.unregister("test.exploding")
+    registry.unregister("test.slow")
+
+
+def test_failures_are_rows_and_the_run_goes_on(tmp_path, test_impls):
+    text = "implementations: [{name: test.exploding}, {name: none}]\nmaps: [4]\n"
+    _, rows = run(write(tmp_path, text), tmp_path)
+    assert rows[0]["status"] == "error" and rows[0]["reason"] == "RuntimeError: boom"
+    assert rows[1]["status"] == "ok"
+
+
+def test_time_budget_skips_larger_maps(tmp_path, test_impls):
+    text = (
+        "implementations: [{name: test.slow}]\nmaps: [4, 8, 16]\ndirections: [fwd]\n"
+        "metrics: [time]\ntiming: {min_run_time: 0.01, time_budget_s: 0.01}\n"
+    )
+    _, rows = run(write(tmp_path, text), tmp_path)
+    assert rows[0]["status"] == "ok"
+    for row in rows[1:]:
+        assert row["status"] == "unsupported"
+        assert "one call at 4x4 took" in row["reason"] and "time budget 0.01 s" in row["reason"]
+
+
+def test_warp_copy_reports_copy_psnr(tmp_path):
+    text = (
+        "implementations: [{name: full.sdpa}, {name: none}]\nmaps: [16]\nchannels: [16]\n"
+        "directions: [fwd]\nmetrics: [fidelity]\ninputs: [warp-copy]\n"
+    )
+    _, (sdpa, none) = run(write(tmp_path, text), tmp_path)
+    assert sdpa["v_channels"] == 3 and sdpa["rel_err_out"] < 1e-5
+    assert sdpa["copy_psnr"] > none["copy_psnr"] + 5, (sdpa["copy_psnr"], none["copy_psnr"])
+
+
+def test_cli_run_prints_a_summary(tmp_path, capsys):
+    path = write(tmp_path, "implementations: [{name: none}]\nmaps: [4]\nmetrics: [time]\n")
+    assert cli.main(["run", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| implementation" in out and "| none" in out
+    assert "1 new rows" in out
+    assert json.loads((tmp_path / "small-cpu.jsonl").read_text())["label"] == "none"
