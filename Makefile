@@ -18,7 +18,7 @@ run: setup
 	$(PY) -m attnbench run suites/quick.yaml --out runs --overwrite
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --benchmark-disable
 
 lint: setup
 	$(VENV)/bin/ruff check .

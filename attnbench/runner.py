@@ -264,6 +264,14 @@ def measure_case(
     return row
 
 
+def _flops_or_none(case: MicroCase) -> int | None:
+    """Useful forward FLOPs of the case, or None where they cannot be counted."""
+    try:
+        return registry.create(case.impl, **case.params_dict).flops(_spec(case))
+    except ValueError:
+        return None
+
+
 def _budget_key(case: MicroCase) -> tuple:
     return case.impl, case.params, case.channels, case.family, case.directions
 
@@ -310,28 +318,38 @@ def run_suite(
     budget = suite.memory_budget * available_memory(device)
     time_budget = suite.timing.time_budget_s
     limits: dict[tuple, tuple[int, str]] = {}  # larger maps than these are skipped
+    last_ok: dict[tuple, tuple[float, float, str]] = {}  # flops, slowest call (ms), map
 
     rows = []
     bar = tqdm(todo, disable=not progress, unit="case", dynamic_ncols=True)
     for case in bar:
-        bar.set_description(f"{case.impl} {case.q_hw[0]}x{case.q_hw[1]}")
+        where = f"{case.q_hw[0]}x{case.q_hw[1]}"
+        bar.set_description(f"{case.impl} {where}")
+        key = _budget_key(case)
         size = case.q_hw[0] * case.q_hw[1] * case.kv_hw[0] * case.kv_hw[1]
-        limit = limits.get(_budget_key(case))
-        if limit and size >= limit[0]:
+        skip = limits[key][1] if key in limits and size >= limits[key][0] else None
+        flops = _flops_or_none(case)
+        if skip is None and time_budget and key in last_ok and flops:
+            prev_flops, prev_ms, prev_where = last_ok[key]
+            predicted = prev_ms * flops / prev_flops / 1e3
+            if predicted > time_budget:
+                skip = (
+                    f"predicted: one call would take ~{predicted:.1f} s (scaled by FLOPs from "
+                    f"{prev_ms / 1e3:.2f} s at {prev_where}), over the time budget "
+                    f"{time_budget:g} s"
+                )
+        if skip is not None:
             row = empty_row(case, ctx)
-            row.update(status="unsupported", reason=limit[1])
+            row.update(status="unsupported", reason=skip)
         else:
             row = measure_case(case, ctx, peak, budget, run_time)
         row["timestamp"] = now()
         append_row(path, row)
         rows.append(row)
-        slowest = max(
-            (row[k] or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms")), default=0.0
-        )
-        where = f"{case.q_hw[0]}x{case.q_hw[1]}"
+        slowest = max(row[k] or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms"))
         if time_budget and slowest > time_budget * 1e3:
             limits.setdefault(
-                _budget_key(case),
+                key,
                 (
                     size,
                     f"skipped: one call at {where} took {slowest / 1e3:.1f} s, over the "
@@ -339,7 +357,9 @@ def run_suite(
                 ),
             )
         elif row["status"] == "oom":
-            limits.setdefault(_budget_key(case), (size, f"skipped: out of memory at {where}"))
+            limits.setdefault(key, (size, f"skipped: out of memory at {where}"))
+        elif row["status"] == "ok" and slowest and flops:
+            last_ok[key] = (flops, slowest, where)
     return path, rows
 
 

@@ -220,6 +220,18 @@ def test_time_budget_skips_larger_maps(tmp_path, test_impls):
         assert "one call at 4x4 took" in row["reason"] and "time budget 0.01 s" in row["reason"]
 
 
+def test_time_budget_predicts_from_flops(tmp_path, test_impls):
+    # 50 ms per call at 4x4; exact-attention FLOPs grow 16x at 8x8: ~0.8 s > 0.2 s.
+    text = (
+        "implementations: [{name: test.slow}]\nmaps: [4, 8]\ndirections: [fwd]\n"
+        "metrics: [time]\ntiming: {min_run_time: 0.01, time_budget_s: 0.2}\n"
+    )
+    _, (small, large) = run(write(tmp_path, text), tmp_path)
+    assert small["status"] == "ok"
+    assert large["status"] == "unsupported"
+    assert large["reason"].startswith("predicted: one call would take ~0.8 s")
+
+
 def test_warp_copy_reports_copy_psnr(tmp_path):
     text = (
         "implementations: [{name: full.sdpa}, {name: none}]\nmaps: [16]\nchannels: [16]\n"
