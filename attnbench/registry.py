@@ -161,7 +161,7 @@ class Attention:
 
     @property
     def label(self) -> str:
-        """Name with the resolved parameters, e.g. ``nystrom.torch(landmarks=256)``."""
+        """Name with the resolved parameters, e.g. ``full.sdpa(scale=None)``."""
         if not self.params:
             return self.name
         inner = ",".join(f"{k}={v}" for k, v in self.params.items())
