@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXAMPLES = """\
@@ -81,54 +82,62 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from attnbench.suite import SuiteError, load_suite
+    from attnbench.suite import SuiteError, load_suites
 
     failed = 0
     for file in args.files:
         try:
-            suite = load_suite(file)
+            suites = load_suites(file)
         except SuiteError as err:
             failed += 1
             print(err, file=sys.stderr)
         else:
-            print(f"{file}: ok ({suite.kind} suite {suite.name!r})")
+            names = ", ".join(f"{s.kind} suite {s.name!r}" for s in suites)
+            print(f"{file}: ok ({names})")
     return 1 if failed else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from attnbench.results import read_rows
     from attnbench.runner import parse_shard, run_suite, summary_table
-    from attnbench.suite import SuiteError, load_suite
+    from attnbench.suite import SuiteError, load_suites
 
     try:
-        suite = load_suite(args.suite)
+        suites = load_suites(args.suite)
         shard = parse_shard(args.shard)
     except (SuiteError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
-    try:
-        path, rows = run_suite(
-            suite,
-            args.out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            shard=shard,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: every finished case is in {args.out}; run again with --resume",
-            file=sys.stderr,
-        )
-        return 130
-    from attnbench.results import read_rows
-
-    print(summary_table(read_rows([path])))
-    print(f"\n{len(rows)} new rows; all rows in {path}")
+    for suite in suites:
+        try:
+            path, rows = run_suite(
+                suite,
+                args.out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                shard=shard,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted: every finished case is in {args.out}; run again with --resume",
+                file=sys.stderr,
+            )
+            return 130
+        if is_main_process():
+            print(f"\n## {suite.name}\n")
+            print(summary_table(read_rows([path])))
+            print(f"\n{len(rows)} new rows; all rows in {path}")
     return 0
+
+
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of a torchrun launch."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from attnbench.inputs import make_inputs
 from attnbench.measure import matmul_gflops, peak_memory, time_call
 from attnbench.results import MICRO_KEYS, append_row, context, now, read_rows
 from attnbench.spec import AttentionSpec
-from attnbench.suite import MicroCase, MicroSuite, expand
+from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, expand_train
 
 EXTRA_KEYS = (
     "v_channels", "inputs", "directions", "time_fwd_first_ms", "time_fwdbwd_iqr_ms",
@@ -276,8 +276,66 @@ def _budget_key(case: MicroCase) -> tuple:
     return case.impl, case.params, case.channels, case.family, case.directions
 
 
+def prepare_output(
+    suite: Suite, device: str, out_dir: str | Path, resume: bool, overwrite: bool
+) -> tuple[Path, set[str]]:
+    """The results file and the case ids it already holds (with ``resume``)."""
+    path = output_path(suite, device, out_dir)
+    if path.exists() and path.stat().st_size and not (resume or overwrite):
+        raise ValueError(
+            f"{path} already holds rows: pass --resume to continue it, --overwrite to start it "
+            "afresh, or --out to write elsewhere"
+        )
+    if overwrite and path.exists():
+        path.unlink()
+    done = {r.get("case_id") for r in read_rows([path])} if resume and path.exists() else set()
+    return path, done
+
+
+def take_shard(cases: list, shard: tuple[int, int]) -> list:
+    """The i-th of N interleaved shares of ``cases``."""
+    i, n = shard
+    return [c for idx, c in enumerate(cases) if idx % n == i - 1]
+
+
+def run_train_suite(
+    suite: TrainSuite,
+    path: Path,
+    done: set[str],
+    shard: tuple[int, int],
+    device: str,
+    resume: bool,
+    progress: bool,
+) -> list[dict]:
+    """Train every case not yet in ``path``; rank 0 appends one row per case."""
+    from tqdm import tqdm
+
+    from attnbench.tasks.copying import empty_train_row, init_distributed, train_case, world
+
+    init_distributed(device)
+    rank, _ = world()
+    ctx = context(device)
+    todo = [c for c in take_shard(expand_train(suite, device), shard) if c.case_id not in done]
+    rows = []
+    bar = tqdm(todo, disable=not progress or rank != 0, unit="run", dynamic_ncols=True)
+    for case in bar:
+        bar.set_description(f"{case.impl} seed {case.seed}")
+        row = empty_train_row(case, ctx)
+        try:
+            row = train_case(case, suite, row, path.parent, resume, progress)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            row.update(status="oom", reason=f"{type(err).__name__}: {err}".strip())
+        except Exception as err:  # a failing run becomes a row; the suite goes on
+            row.update(status="error", reason=f"{type(err).__name__}: {err}")
+        row["timestamp"] = now()
+        if rank == 0:
+            append_row(path, row)
+        rows.append(row)
+    return rows
+
+
 def run_suite(
-    suite: MicroSuite,
+    suite: Suite,
     out_dir: str | Path = "results/raw",
     *,
     resume: bool = False,
@@ -298,18 +356,10 @@ def run_suite(
     from tqdm import tqdm
 
     device = resolve_device(device or suite.device)
-    path = output_path(suite, device, out_dir)
-    if path.exists() and path.stat().st_size and not (resume or overwrite):
-        raise ValueError(
-            f"{path} already holds rows: pass --resume to continue it, --overwrite to start it "
-            "afresh, or --out to write elsewhere"
-        )
-    if overwrite and path.exists():
-        path.unlink()
-    done = {r.get("case_id") for r in read_rows([path])} if resume and path.exists() else set()
-    i, n = shard
-    cases = [c for idx, c in enumerate(expand(suite, device)) if idx % n == i - 1]
-    todo = [c for c in cases if c.case_id not in done]
+    path, done = prepare_output(suite, device, out_dir, resume, overwrite)
+    if isinstance(suite, TrainSuite):
+        return path, run_train_suite(suite, path, done, shard, device, resume, progress)
+    todo = [c for c in take_shard(expand(suite, device), shard) if c.case_id not in done]
 
     ctx = context(device)
     run_time = suite.timing.min_run_time if min_run_time is None else min_run_time
@@ -370,6 +420,25 @@ def summary_table(rows: list[dict]) -> str:
     def mib(x):
         return None if x is None else x / 2**20
 
+    if rows and rows[0]["kind"] == "train":
+        records = [
+            {
+                "implementation": r["label"],
+                "seed": r["seed"],
+                "status": r["status"],
+                "test L1": r.get("test_l1"),
+                "SSIM": r.get("ssim"),
+                "PSNR": r.get("psnr"),
+                "LPIPS": r.get("lpips"),
+                "attention MiB": mib(r.get("attn_mem_bytes")),
+                "step s": r.get("step_time_s"),
+                "parameters": r.get("n_params"),
+            }
+            for r in rows
+        ]
+        frame = pd.DataFrame(records).dropna(axis=1, how="all")
+        frame = frame.astype(object).where(frame.notna(), None)
+        return frame.to_markdown(index=False, floatfmt=".4g", missingval="")
     records = [
         {
             "implementation": r["label"],

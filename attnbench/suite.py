@@ -123,8 +123,61 @@ class MicroSuite:
         return [value] if isinstance(value, int | str) else value
 
 
-Suite = MicroSuite  # the training suites join here as a union
-SUITE_TYPES = {"micro": MicroSuite}
+@dataclass(frozen=True, config=CONFIG)
+class DataConfig:
+    """Where training pairs come from: the synthetic mannequin, an image folder or DeepFashion.
+
+    ``root`` is the image folder (folder, deepfashion); ``annotations`` and ``pairs`` are the
+    DeepFashion CSV files. ``train_size`` distinct training items are cycled through; the
+    held-out set has ``test_size`` items drawn with a fixed seed of its own.
+    """
+
+    source: Literal["mannequin", "folder", "deepfashion"] = "mannequin"
+    root: str | None = None
+    annotations: str | None = None
+    pairs: str | None = None
+    sigma: Annotated[float, Field(gt=0)] = 2.0
+    noise: Annotated[float, Field(ge=0, le=0.5)] = 0.15
+    train_size: PositiveInt = 10_000
+    test_size: PositiveInt = 64
+
+
+@dataclass(frozen=True, config=CONFIG)
+class TrainSuite:
+    """A training suite: the same generator trained with each implementation and seed.
+
+    The implementation (with its parameters) replaces the attention at the decoder levels
+    larger than the preset's ``full_attn_max``; everything else is equal for every case.
+    """
+
+    name: str
+    kind: Literal["train"]
+    implementations: Annotated[tuple[ImplEntry, ...], Field(min_length=1)]
+    steps: PositiveInt
+    task: Literal["copying"] = "copying"
+    preset: str = "cpu64"
+    data: DataConfig = DataConfig()
+    seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0,)
+    batch: PositiveInt = 4
+    lr: Annotated[float, Field(gt=0)] = 2e-4
+    loss: Literal["l1", "lpips"] | dict[Literal["l1", "lpips"], Annotated[float, Field(ge=0)]] = (
+        "l1"
+    )
+    checkpoint_every: PositiveInt = 50
+    eval_batch: PositiveInt = 16
+    grid_samples: PositiveInt = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plugins: tuple[str, ...] = ()
+    include: str | None = None
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _scalar_seed(cls, value):
+        return [value] if isinstance(value, int) else value
+
+
+Suite = MicroSuite | TrainSuite
+SUITE_TYPES = {"micro": MicroSuite, "train": TrainSuite}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +265,8 @@ def _format_pydantic(file: str, root: type, err: ValidationError) -> list[str]:
     return problems
 
 
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The mapping in ``path`` with its ``include:`` chain merged in (this file wins)."""
-    if path in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path))
-        raise SuiteError([f"{path}: include: cycle ({chain})"])
+def _read_mapping(path: Path) -> dict:
+    """The single YAML mapping in ``path``."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as err:
@@ -225,21 +275,64 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
     if not isinstance(data, dict):
         raise SuiteError([f"{path}: (top level): must be a mapping of keys to values"])
+    return data
+
+
+def _resolve_includes(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """``data`` (read from ``path``) with its ``include:`` chain merged in; ``data`` wins."""
     include = data.get("include")
     if include is None:
         return data
     if not isinstance(include, str):
         raise SuiteError([f"{path}: include: must be a file path (got {include!r})"])
-    base = _load_yaml((path.parent / include).resolve(), (*seen, path))
+    target = (path.parent / include).resolve()
+    if target in (*seen, path.resolve()):
+        chain = " -> ".join(str(p) for p in (*seen, path, target))
+        raise SuiteError([f"{path}: include: cycle ({chain})"])
+    base = _resolve_includes(_read_mapping(target), target, (*seen, path.resolve()))
     base.pop("name", None)
     return {**base, **data}
+
+
+def load_suites(path: str | Path) -> list[Suite]:
+    """Every suite in ``path``: one per YAML document (``---`` separates them)."""
+    path = Path(path)
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except OSError as err:
+        raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
+    except yaml.YAMLError as err:
+        raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
+    if len(documents) <= 1:
+        return [load_suite(path)]
+    suites, problems = [], []
+    for number, document in enumerate(documents, 1):
+        where = f"{path} (document {number})"
+        if not isinstance(document, dict) or "name" not in document:
+            problems.append(f"{where}: name: required when a file holds several suites")
+            continue
+        try:
+            suites.append(build_suite(_resolve_includes(document, path), where))
+        except SuiteError as err:
+            problems += err.problems
+    names = [s.name for s in suites]
+    if len(set(names)) != len(names):
+        problems.append(f"{path}: name: every suite in a file needs its own name (got {names})")
+    if problems:
+        raise SuiteError(problems)
+    return suites
 
 
 def load_suite(path: str | Path) -> Suite:
     """Read, merge includes, validate the schema and the implementations; raise SuiteError."""
     path = Path(path)
-    data = _load_yaml(path.resolve())
+    data = _resolve_includes(_read_mapping(path), path)
     data.setdefault("name", path.stem)
+    return build_suite(data, str(path))
+
+
+def build_suite(data: dict, path: str) -> Suite:
+    """Validate one suite's mapping (includes already merged); raise SuiteError."""
     kind = data.get("kind", "micro")
     if kind not in SUITE_TYPES:
         raise SuiteError(
@@ -265,7 +358,27 @@ def sweep(params: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-def check_suite(suite: MicroSuite, file: str) -> list[str]:
+def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
+    """The preset exists; data files are named where the source needs them."""
+    from attnbench.generators import PRESETS
+
+    problems = []
+    if suite.preset not in PRESETS:
+        problems.append(
+            f"{file}: preset: {suite.preset!r} is not a generator preset "
+            f"(allowed: {', '.join(PRESETS)})"
+        )
+    data = suite.data
+    needs = {"folder": ("root",), "deepfashion": ("root", "annotations")}.get(data.source, ())
+    for key in needs:
+        if getattr(data, key) is None:
+            problems.append(f"{file}: data.{key}: required when data.source is {data.source!r}")
+    if isinstance(suite.loss, dict) and not any(suite.loss.values()):
+        problems.append(f"{file}: loss: every weight is 0 (allowed: at least one weight > 0)")
+    return problems
+
+
+def check_suite(suite: Suite, file: str) -> list[str]:
     """What the schema cannot see: implementation names, parameter values, combinations."""
     from attnbench import registry
 
@@ -310,6 +423,8 @@ def check_suite(suite: MicroSuite, file: str) -> list[str]:
                 if str(err) not in combination_errors:
                     combination_errors.append(str(err))
         problems += [f"{where}.params: {e}" for e in combination_errors]
+    if isinstance(suite, TrainSuite):
+        return problems + check_train_suite(suite, file)
     if "warp-copy" in suite.inputs and suite.v_channels not in (None, 3):
         problems.append(
             f"{file}: v_channels: {suite.v_channels} cannot be used with inputs 'warp-copy' "
@@ -355,3 +470,58 @@ def expand(suite: MicroSuite, device: str) -> list[MicroCase]:
                             )
                         )
     return cases
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    """One training run: an implementation with resolved parameters and one seed."""
+
+    suite: str
+    task: str
+    impl: str
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    preset: str
+    steps: int
+    batch: int
+    lr: float
+    loss: str
+    data: str
+    device: str
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def case_id(self) -> str:
+        """Stable hash of everything that determines the run."""
+        config = dataclasses.asdict(self)
+        config.pop("suite")
+        text = json.dumps(config, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
+    """The runs of a training suite: implementations (swept) x seeds, in order."""
+    loss = suite.loss if isinstance(suite.loss, str) else json.dumps(suite.loss, sort_keys=True)
+    data = json.dumps(dataclasses.asdict(suite.data), sort_keys=True)
+    return [
+        TrainCase(
+            suite=suite.name,
+            task=suite.task,
+            impl=entry.name,
+            params=tuple(sorted(combo.items())),
+            seed=seed,
+            preset=suite.preset,
+            steps=suite.steps,
+            batch=suite.batch,
+            lr=suite.lr,
+            loss=loss,
+            data=data,
+            device=device,
+        )
+        for entry in suite.implementations
+        for combo in sweep(entry.params)
+        for seed in suite.seeds
+    ]
