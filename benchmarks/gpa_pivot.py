@@ -18,9 +18,8 @@ import json
 
 import torch
 
-from attnbench import __version__, registry
+from attnbench import __version__, measure, registry
 from attnbench.impls.gpa import grid_attention, select_keys
-from attnbench.measure import device_name, matmul_gflops, peak_memory, time_call
 from attnbench.spec import AttentionSpec
 
 IMPLS = ["full.sdpa", "gpa.torch", "gpa.flex", "gpa.reference"]
@@ -39,8 +38,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n * n, c, generator=gen) for _ in range(3))
     spec = AttentionSpec.from_inputs(q, k, v, hw, hw)
-    peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device_name()}")
+    peak = measure.matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {measure.device_name()}")
     print(f"dense fp32 2048^3 matmul: {peak:.0f} GFLOP/s")
     print(f"inputs 3 x [1, 1, {n * n}, {c}] fp32; output {spec.output_bytes / 2**20:.1f} MiB\n")
 
@@ -55,8 +54,8 @@ def main() -> None:
                 continue
             fn = lambda impl=impl: impl(q, k, v, q_hw=hw, kv_hw=hw)  # noqa: E731
             run_time = 0.1 if name == "full.sdpa" else args.min_run_time
-            t = time_call(fn, min_run_time=run_time)
-            mem = peak_memory(fn)
+            t = measure.time_call(fn, min_run_time=run_time)
+            mem = measure.peak_memory(fn)
             flops = impl.flops(spec)
             rows.append(
                 {
@@ -77,8 +76,10 @@ def main() -> None:
         geom = gpa.geometry(spec)
         keys = select_keys(q, k, geom)
         phase1, phase2 = gpa.phase_flops(spec)
-        t1 = time_call(lambda: select_keys(q, k, geom), min_run_time=args.min_run_time)
-        t2 = time_call(lambda: grid_attention(q, k, v, keys, geom), min_run_time=args.min_run_time)
+        t1 = measure.time_call(lambda: select_keys(q, k, geom), min_run_time=args.min_run_time)
+        t2 = measure.time_call(
+            lambda: grid_attention(q, k, v, keys, geom), min_run_time=args.min_run_time
+        )
 
     sdpa_ms = rows[0].get("time_ms")
     print(
@@ -112,7 +113,7 @@ def main() -> None:
             "torch_version": torch.__version__,
             "attnbench_version": __version__,
             "threads": torch.get_num_threads(),
-            "device_name": device_name(),
+            "device_name": measure.device_name(),
             "matmul_gflops": peak,
             "size": n,
             "channels": c,
