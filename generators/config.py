@@ -1,0 +1,144 @@
+"""Configuration of the attention-copying generator (Jetchev et al. 2021, arXiv 2107.03742).
+
+A :class:`GeneratorConfig` fixes everything about the network except the attention used at the
+large decoder levels, so that every method under comparison trains the same architecture
+(the paper's fairness rule: only the attention at the large levels changes).
+
+Levels are listed from the smallest resolution up to the full image. With ``L`` levels and an
+image of ``H x W``, level ``i`` works on ``(H / 2^(L-1-i)) x (W / 2^(L-1-i))`` maps, so the lowest
+resolution is ``H / 2^(L-1)``; both sides must divide. A level whose longer side is at most
+``full_attn_max`` uses exact attention (``full.sdpa``); the larger ones use the implementation
+under test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NORMS = ("group", "instance", "none")
+ACTIVATIONS = ("leaky_relu", "silu")
+EXACT_ATTENTION = "full.sdpa"
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Sizes and layer choices of :class:`~attnbench.generators.CopyingGenerator`.
+
+    Attributes:
+        image_size: (H, W) of the images and pose maps.
+        channels: feature channels per level, from the smallest resolution up to the full
+            image; the encoder and the decoder of both branches use the same counts.
+        pose_channels: channels of a pose map (18 for OpenPose keypoint heatmaps, 2 for a
+            coordinate map).
+        image_channels: channels of the source image (3 for RGB); also of the output.
+        attn_channels: channels of q, k and v in every copying block (one head: the paper
+            found no gain from several).
+        full_attn_max: largest map side, max(h, w), that uses exact attention (full.sdpa).
+        norm: "group" (GroupNorm with gcd(channels, norm_groups) groups), "instance"
+            (GroupNorm with one group per channel, affine) or "none".
+        norm_groups: the largest number of groups of the "group" norm.
+        activation: "leaky_relu" (slope 0.2) or "silu".
+        gpa_phase1_res: phase-1 resolution given to GPA implementations (names starting with
+            "gpa.") unless the caller passes ``downsample`` or ``phase1_res``; None adds nothing.
+    """
+
+    image_size: tuple[int, int]
+    channels: tuple[int, ...]
+    pose_channels: int = 18
+    image_channels: int = 3
+    attn_channels: int = 64
+    full_attn_max: int = 64
+    norm: str = "group"
+    norm_groups: int = 8
+    activation: str = "leaky_relu"
+    gpa_phase1_res: int | None = None
+
+    def __post_init__(self) -> None:
+        # Normalise lists (from YAML or JSON) to tuples so the config stays hashable.
+        object.__setattr__(self, "image_size", tuple(self.image_size))
+        object.__setattr__(self, "channels", tuple(self.channels))
+        if len(self.image_size) != 2 or not all(_positive_int(x) for x in self.image_size):
+            raise ValueError(
+                f"image_size={self.image_size!r} is not allowed "
+                "(allowed: (height, width), ints >= 1)"
+            )
+        if not self.channels or not all(_positive_int(c) for c in self.channels):
+            raise ValueError(
+                f"channels={self.channels!r} is not allowed "
+                "(allowed: a non-empty sequence of ints >= 1, smallest resolution first)"
+            )
+        for field in ("pose_channels", "image_channels", "attn_channels", "norm_groups"):
+            if not _positive_int(getattr(self, field)):
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} is not allowed (allowed: an integer >= 1)"
+                )
+        if not isinstance(self.full_attn_max, int) or self.full_attn_max < 0:
+            raise ValueError(
+                f"full_attn_max={self.full_attn_max!r} is not allowed (allowed: an integer >= 0)"
+            )
+        if self.gpa_phase1_res is not None and not _positive_int(self.gpa_phase1_res):
+            raise ValueError(
+                f"gpa_phase1_res={self.gpa_phase1_res!r} is not allowed "
+                "(allowed: an integer >= 1 or None)"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r} is not allowed (allowed: {', '.join(NORMS)})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={self.activation!r} is not allowed (allowed: {', '.join(ACTIVATIONS)})"
+            )
+        factor = 2 ** (self.levels - 1)
+        h, w = self.image_size
+        if h % factor or w % factor:
+            raise ValueError(
+                f"image_size={h}x{w} cannot be halved {self.levels - 1} times for "
+                f"{self.levels} levels (allowed: both sides divisible by {factor})"
+            )
+
+    @property
+    def levels(self) -> int:
+        """Number of resolution levels (of each encoder and each decoder)."""
+        return len(self.channels)
+
+    @property
+    def level_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(h, w) of every level's feature maps, smallest first."""
+        h, w = self.image_size
+        last = self.levels - 1
+        return tuple((h >> (last - i), w >> (last - i)) for i in range(self.levels))
+
+    @property
+    def lowest_size(self) -> tuple[int, int]:
+        """(h, w) of the smallest level (the bottleneck)."""
+        return self.level_sizes[0]
+
+    def uses_exact_attention(self, level: int) -> bool:
+        """Whether decoder level ``level`` (0 = smallest) copies with exact attention."""
+        return max(self.level_sizes[level]) <= self.full_attn_max
+
+    @property
+    def large_levels(self) -> tuple[int, ...]:
+        """Indices of the levels that use the implementation under test."""
+        return tuple(i for i in range(self.levels) if not self.uses_exact_attention(i))
+
+    def large_level_params(self, attention: str, params: dict[str, Any] | None) -> dict[str, Any]:
+        """Parameters for ``attention`` at the large levels, with this preset's defaults added.
+
+        For GPA implementations (names starting with "gpa.") ``phase1_res=gpa_phase1_res`` is
+        added unless the caller gave ``downsample`` or ``phase1_res``. GPA resolves
+        d = max(hq, wq) // phase1_res per call, so one value gives each level its own d.
+        """
+        resolved = dict(params or {})
+        if (
+            attention.startswith("gpa.")
+            and self.gpa_phase1_res is not None
+            and "downsample" not in resolved
+            and "phase1_res" not in resolved
+        ):
+            resolved["phase1_res"] = self.gpa_phase1_res
+        return resolved
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
