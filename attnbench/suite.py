@@ -128,8 +128,10 @@ class DataConfig:
     """Where training pairs come from: the synthetic mannequin, an image folder or DeepFashion.
 
     ``root`` is the image folder (folder, deepfashion); ``annotations`` and ``pairs`` are the
-    DeepFashion CSV files. ``train_size`` distinct training items are cycled through; the
-    held-out set has ``test_size`` items drawn with a fixed seed of its own.
+    DeepFashion CSV files; ``fit`` stretches images to the generator's size or pads them
+    (the paper pads DeepFashion's 256x176 to 256x256). ``train_size`` distinct training items
+    are cycled through; the held-out set has ``test_size`` items drawn with a fixed seed of its
+    own.
     """
 
     source: Literal["mannequin", "folder", "deepfashion"] = "mannequin"
@@ -138,6 +140,7 @@ class DataConfig:
     pairs: str | None = None
     sigma: Annotated[float, Field(gt=0)] = 2.0
     noise: Annotated[float, Field(ge=0, le=0.5)] = 0.15
+    fit: Literal["stretch", "pad"] = "stretch"
     train_size: PositiveInt = 10_000
     test_size: PositiveInt = 64
 

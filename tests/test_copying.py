@@ -1,0 +1,136 @@
+"""The affine-copying training task: rows, resume, divergence, DDP, and metric weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnbench import runner
+from attnbench.metrics import MetricUnavailable, image_metrics, lpips_model, lpips_weights_file
+from attnbench.results import TRAIN_KEYS, read_rows
+from attnbench.suite import load_suites
+from attnbench.tasks import copying
+
+TINY = """
+kind: train
+implementations:
+  - name: none
+  - name: gpa.torch
+steps: 6
+batch: 2
+seeds: [0]
+lr: 0.001
+checkpoint_every: 3
+eval_batch: 4
+grid_samples: 2
+data: {train_size: 12, test_size: 4}
+"""
+
+
+def tiny(tmp_path, text=TINY):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    (suite,) = load_suites(path)
+    return suite
+
+
+def test_train_rows_metrics_and_grid(tmp_path):
+    path, rows = runner.run_suite(tiny(tmp_path), tmp_path, progress=False)
+    assert [r["label"] for r in rows] == ["none", "gpa.torch(res=16,s=2,k=12)"]
+    for row in read_rows([path]):
+        assert row["status"] == "ok", row["reason"]
+        assert set(TRAIN_KEYS) <= set(row)
+        assert 0 < row["test_l1"] < 1 and -1 <= row["ssim"] <= 1 and row["psnr"] > 0
+        assert row["attn_mem_bytes"] > 0 and row["n_params"] > 0 and row["steps"] == 6
+        assert row["lpips"] is None or row["lpips"] >= 0
+        assert "fid: not computed" in row["reason"]
+        grid = tmp_path / row["grid_png"]
+        from PIL import Image
+
+        with Image.open(grid) as image:  # 2 samples x 5 columns of 64 px tiles, 2 px padding
+            assert image.size == (5 * 66 + 2, 2 * 66 + 2)
+    none, gpa = rows
+    assert none["n_params"] == gpa["n_params"], "only the attention differs between methods"
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    suite = tiny(tmp_path, TINY.replace("  - name: gpa.torch\n", ""))
+    _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
+
+    real_save = copying.save_checkpoint
+    saves = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["step"])
+        if state["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(copying, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_suite(suite, tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut" / "tiny-cpu.jsonl").exists(), "no row for an unfinished run"
+    monkeypatch.setattr(copying, "save_checkpoint", real_save)
+    _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
+    assert saves == [3]
+    for key in ("test_l1", "test_loss", "ssim", "psnr"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
+def test_non_finite_loss_is_a_diverged_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(copying.Loss, "__call__", lambda self, p, t: (p * float("nan")).mean())
+    _, rows = runner.run_suite(tiny(tmp_path), tmp_path, progress=False)
+    for row in rows:
+        assert row["status"] == "diverged" and row["reason"] == "loss became nan at step 0"
+
+
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    suite_file = tmp_path / "tiny.yaml"
+    suite_file.write_text(TINY.replace("  - name: gpa.torch\n", "").replace("steps: 6", "steps: 3"))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "-m", "attnbench", "run", str(suite_file)]
+    cmd += ["--out", str(tmp_path), "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "tiny-cpu.jsonl").read_text().splitlines()]
+    assert row["status"] == "ok", row["reason"]
+    assert row["world_size"] == 2 and row["replicas_identical"] is True
+
+
+def test_copying_suites_validate():
+    for name in ("copying.yaml", "copying-paper.yaml", "quick.yaml"):
+        suites = load_suites(os.path.join(os.path.dirname(__file__), "..", "suites", name))
+        assert any(s.kind == "train" for s in suites), name
+
+
+def test_image_metrics_against_known_values():
+    target = torch.full((2, 3, 16, 16), 0.5)
+    same = image_metrics(target.clone(), target)
+    assert same["l1"] == 0 and same["ssim"] == pytest.approx(1.0)
+    off = image_metrics(target + 0.1, target)  # MSE 0.01 -> PSNR 20 dB
+    assert off["l1"] == pytest.approx(0.1) and off["psnr"] == pytest.approx(20.0, abs=1e-4)
+
+
+def test_lpips_reports_the_missing_weights_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MetricUnavailable) as err:
+        lpips_model("vgg")
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in str(err.value)
+
+
+def test_lpips_loads_weights_found_on_disk(tmp_path, monkeypatch):
+    # The loading path with a small backbone file made here: SqueezeNet 1.1 with random weights.
+    from torchvision.models import squeezenet1_1
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = lpips_weights_file("squeeze")
+    path.parent.mkdir(parents=True)
+    torch.save(squeezenet1_1().state_dict(), path)
+    model = lpips_model("squeeze")
+    images = torch.rand(2, 3, 32, 32)
+    assert model(images, images).item() == pytest.approx(0.0, abs=1e-6)
+    assert model(images, torch.rand(2, 3, 32, 32)).item() > 0
