@@ -71,6 +71,26 @@ def context(device: str) -> dict:
     }
 
 
+def new_row(case, kind: str, ctx: dict, dtype: str, metric_keys: tuple[str, ...]) -> dict:
+    """A row for ``case`` with every required key, status ok and ``metric_keys`` null."""
+    row = {
+        "suite": case.suite,
+        "kind": kind,
+        "case_id": case.case_id,
+        "impl": case.impl,
+        "params": case.params_dict,
+        "label": case.impl,
+        "status": "ok",
+        "reason": None,
+        **ctx,
+        "dtype": dtype,
+        "timestamp": None,
+        "seed": case.seed,
+    }
+    row.update(dict.fromkeys(metric_keys))
+    return row
+
+
 def now() -> str:
     """UTC timestamp, ISO 8601, seconds."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from attnbench import registry
 from attnbench.inputs import make_inputs
 from attnbench.measure import matmul_gflops, peak_memory, time_call
-from attnbench.results import MICRO_KEYS, append_row, context, now, read_rows
+from attnbench.results import MICRO_KEYS, append_row, context, new_row, now, read_rows
 from attnbench.spec import AttentionSpec
 from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, expand_train
 
@@ -88,22 +88,7 @@ def _spec(case: MicroCase, requires_grad: bool = False) -> AttentionSpec:
 
 def empty_row(case: MicroCase, ctx: dict) -> dict:
     """Every key a micro row has, metrics null until measured."""
-    row = {
-        "suite": case.suite,
-        "kind": "micro",
-        "case_id": case.case_id,
-        "impl": case.impl,
-        "params": case.params_dict,
-        "label": case.impl,
-        "status": "ok",
-        "reason": None,
-        **ctx,
-        "dtype": case.dtype,
-        "timestamp": None,
-        "seed": case.seed,
-    }
-    row.update(dict.fromkeys(MICRO_KEYS))
-    row.update(dict.fromkeys(EXTRA_KEYS))
+    row = new_row(case, "micro", ctx, case.dtype, MICRO_KEYS + EXTRA_KEYS)
     row.update(
         batch=case.batch,
         heads=case.heads,

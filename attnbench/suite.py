@@ -183,8 +183,24 @@ Suite = MicroSuite | TrainSuite
 SUITE_TYPES = {"micro": MicroSuite, "train": TrainSuite}
 
 
+class CaseIdentity:
+    """What every case has: its parameters as a dict and a stable id."""
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def case_id(self) -> str:
+        """Stable hash of everything that determines the case (the suite's name excluded)."""
+        config = dataclasses.asdict(self)
+        config.pop("suite")
+        text = json.dumps(config, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True)
-class MicroCase:
+class MicroCase(CaseIdentity):
     """One measured configuration: an implementation with resolved parameters on one input."""
 
     suite: str
@@ -202,18 +218,6 @@ class MicroCase:
     metrics: tuple[str, ...]
     family: str
     seed: int
-
-    @property
-    def params_dict(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def case_id(self) -> str:
-        """Stable hash of everything that determines the measurement."""
-        config = dataclasses.asdict(self)
-        config.pop("suite")
-        text = json.dumps(config, sort_keys=True, default=str)
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _loc_text(loc: tuple) -> str:
@@ -476,7 +480,7 @@ def expand(suite: MicroSuite, device: str) -> list[MicroCase]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainCase:
+class TrainCase(CaseIdentity):
     """One training run: an implementation with resolved parameters and one seed."""
 
     suite: str
@@ -491,18 +495,6 @@ class TrainCase:
     loss: str
     data: str
     device: str
-
-    @property
-    def params_dict(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def case_id(self) -> str:
-        """Stable hash of everything that determines the run."""
-        config = dataclasses.asdict(self)
-        config.pop("suite")
-        text = json.dumps(config, sort_keys=True, default=str)
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:

@@ -161,16 +161,15 @@ class GPABase(Attention):
                 f"phase1_res={self.params['phase1_res']})"
             )
 
+    def _resolve(self, spec: AttentionSpec) -> tuple[Geometry | None, list[str]]:
+        p = self.params
+        return geometry_problems(
+            spec.q_hw, spec.kv_hw, p["downsample"], p["phase1_res"], p["cell"], p["topk"]
+        )
+
     def geometry(self, spec: AttentionSpec) -> Geometry:
         """The resolved geometry for ``spec``; ValueError naming every problem."""
-        geom, problems = geometry_problems(
-            spec.q_hw,
-            spec.kv_hw,
-            self.params["downsample"],
-            self.params["phase1_res"],
-            self.params["cell"],
-            self.params["topk"],
-        )
+        geom, problems = self._resolve(spec)
         if geom is None:
             raise ValueError(f"{self.label}: " + "; ".join(problems))
         return geom
@@ -178,14 +177,7 @@ class GPABase(Attention):
     def unsupported_reasons(self, spec: AttentionSpec) -> list[str]:
         reasons = super().unsupported_reasons(spec)
         if spec.q_hw is not None and spec.kv_hw is not None:
-            reasons += geometry_problems(
-                spec.q_hw,
-                spec.kv_hw,
-                self.params["downsample"],
-                self.params["phase1_res"],
-                self.params["cell"],
-                self.params["topk"],
-            )[1]
+            reasons += self._resolve(spec)[1]
         return reasons
 
     def scale_for(self, channels: int) -> float:
@@ -211,14 +203,7 @@ class GPABase(Attention):
 
     def label_for(self, spec: AttentionSpec) -> str:
         """The label with d resolved for ``spec`` (``gpa.torch(d=4,s=2,k=12)``)."""
-        geom, _ = geometry_problems(
-            spec.q_hw,
-            spec.kv_hw,
-            self.params["downsample"],
-            self.params["phase1_res"],
-            self.params["cell"],
-            self.params["topk"],
-        )
+        geom, _ = self._resolve(spec)
         return self.label if geom is None else self._label(f"d={geom.d}")
 
     def timed_parts(self, q, k, v, spec):
