@@ -355,6 +355,36 @@ def run_suite(
     limits: dict[tuple, tuple[int, str]] = {}  # larger maps than these are skipped
     last_ok: dict[tuple, tuple[float, float, str]] = {}  # flops, slowest median call (ms), map
 
+    def remember(case: MicroCase, row: dict, flops: int | None) -> None:
+        """Update the budgets from a finished row: exceeded, out of memory, or last good size."""
+        where = f"{case.q_hw[0]}x{case.q_hw[1]}"
+        key = _budget_key(case)
+        size = case.q_hw[0] * case.q_hw[1] * case.kv_hw[0] * case.kv_hw[1]
+        # The slower direction's median; a first call (compilation, autotuning) only where
+        # nothing else was timed: compile time does not grow with the map.
+        slowest = max(row.get(k) or 0.0 for k in ("time_fwd_ms", "time_fwdbwd_ms")) or max(
+            row.get(k) or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms")
+        )
+        if time_budget and slowest > time_budget * 1e3:
+            limits.setdefault(
+                key,
+                (
+                    size,
+                    f"skipped: one call at {where} took {slowest / 1e3:.1f} s, over the "
+                    f"time budget {time_budget:g} s",
+                ),
+            )
+        elif row["status"] == "oom":
+            limits.setdefault(key, (size, f"skipped: out of memory at {where}"))
+        elif row["status"] == "ok" and slowest and flops:
+            last_ok[key] = (flops, slowest, where)
+
+    if done:  # a resumed run starts from what the finished cases taught the budgets
+        finished = {r.get("case_id"): r for r in read_rows([path])}
+        for case in take_shard(expand(suite, device), shard):
+            if case.case_id in finished:
+                remember(case, finished[case.case_id], _flops_or_none(case))
+
     rows = []
     bar = tqdm(todo, disable=not progress, unit="case", dynamic_ncols=True)
     for case in bar:
@@ -375,30 +405,14 @@ def run_suite(
                 )
         if skip is not None:
             row = empty_row(case, ctx)
-            row.update(status="unsupported", reason=skip)
+            label = registry.create(case.impl, **case.params_dict).label_for(_spec(case))
+            row.update(status="unsupported", reason=skip, label=label)
         else:
             row = measure_case(case, ctx, peak, budget, run_time)
         row["timestamp"] = now()
         append_row(path, row)
         rows.append(row)
-        # The slower direction's median; a first call (compilation, autotuning) only where
-        # nothing else was timed: compile time does not grow with the map.
-        slowest = max(row[k] or 0.0 for k in ("time_fwd_ms", "time_fwdbwd_ms")) or max(
-            row[k] or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms")
-        )
-        if time_budget and slowest > time_budget * 1e3:
-            limits.setdefault(
-                key,
-                (
-                    size,
-                    f"skipped: one call at {where} took {slowest / 1e3:.1f} s, over the "
-                    f"time budget {time_budget:g} s",
-                ),
-            )
-        elif row["status"] == "oom":
-            limits.setdefault(key, (size, f"skipped: out of memory at {where}"))
-        elif row["status"] == "ok" and slowest and flops:
-            last_ok[key] = (flops, slowest, where)
+        remember(case, row, flops)
     return path, rows
 
 

@@ -235,6 +235,17 @@ def test_time_budget_predicts_from_flops(tmp_path, test_impls):
     assert large["reason"].endswith("over the time budget 0.2 s")
 
 
+def test_resumed_run_remembers_the_time_budget(tmp_path, test_impls):
+    text = (
+        "implementations: [{name: test.slow}]\nmaps: MAPS\ndirections: [fwd]\n"
+        "metrics: [time]\ntiming: {min_run_time: 0.01, time_budget_s: 0.2}\n"
+    )
+    run(write(tmp_path, text.replace("MAPS", "[4]")), tmp_path)
+    _, (large,) = run(write(tmp_path, text.replace("MAPS", "[4, 8]")), tmp_path, resume=True)
+    assert large["status"] == "unsupported" and large["reason"].startswith("predicted:")
+    assert large["label"] == "test.slow"
+
+
 def test_warp_copy_reports_copy_psnr(tmp_path):
     text = (
         "implementations: [{name: full.sdpa}, {name: none}]\nmaps: [16]\nchannels: [16]\n"
