@@ -418,7 +418,6 @@ def run_suite(
 
 def summary_table(rows: list[dict]) -> str:
     """A Markdown table of the rows, one line per case."""
-    import pandas as pd
 
     def mib(x):
         return None if x is None else x / 2**20
@@ -439,9 +438,7 @@ def summary_table(rows: list[dict]) -> str:
             }
             for r in rows
         ]
-        frame = pd.DataFrame(records).dropna(axis=1, how="all")
-        frame = frame.astype(object).where(frame.notna(), None)
-        return frame.to_markdown(index=False, floatfmt=".4g", missingval="")
+        return markdown(records, ".4g")
     records = [
         {
             "implementation": r["label"],
@@ -459,6 +456,13 @@ def summary_table(rows: list[dict]) -> str:
         }
         for r in rows
     ]
+    return markdown(records, ".3g")
+
+
+def markdown(records: list[dict], floatfmt: str) -> str:
+    """A Markdown table of ``records``; all-empty columns dropped, missing values blank."""
+    import pandas as pd
+
     frame = pd.DataFrame(records).dropna(axis=1, how="all")
     frame = frame.astype(object).where(frame.notna(), None)  # blanks, not "nan"
-    return frame.to_markdown(index=False, floatfmt=".3g", missingval="")
+    return frame.to_markdown(index=False, floatfmt=floatfmt, missingval="")

@@ -87,15 +87,19 @@ class Loss:
         return total
 
 
-def batch_items(dataset, step: int, batch: int, rank: int, world_size: int) -> dict:
+PAIR_KEYS = ("source", "source_pose", "target", "target_pose")
+
+
+def collate(items: list[dict], device: str) -> dict:
+    """Stack the image and pose tensors of dataset items into a batch on ``device``."""
+    return {key: torch.stack([item[key] for item in items]).to(device) for key in PAIR_KEYS}
+
+
+def batch_items(dataset, step: int, batch: int, rank: int, world_size: int) -> list[dict]:
     """The rank's share of the global batch of ``step`` (items cycle through the dataset)."""
     per_rank = batch // world_size
     start = step * batch + rank * per_rank
-    items = [dataset[(start + j) % len(dataset)] for j in range(per_rank)]
-    return {
-        key: torch.stack([item[key] for item in items])
-        for key in ("source", "source_pose", "target", "target_pose")
-    }
+    return [dataset[(start + j) % len(dataset)] for j in range(per_rank)]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -139,11 +143,7 @@ def evaluate(model, test_set, loss_fn: Loss, eval_batch: int, device: str) -> tu
     first = None
     for start in range(0, len(test_set), eval_batch):
         items = [test_set[i] for i in range(start, min(start + eval_batch, len(test_set)))]
-        batch = {
-            k: torch.stack([it[k] for it in items]).to(device)
-            for k in items[0]
-            if k in ("source", "source_pose", "target", "target_pose")
-        }
+        batch = collate(items, device)
         out = model(batch["source"], batch["source_pose"], batch["target_pose"])
         losses.append(loss_fn(out, batch["target"]).item() * len(items))
         preds.append(out.clamp(0, 1).cpu())
@@ -160,9 +160,9 @@ def evaluate(model, test_set, loss_fn: Loss, eval_batch: int, device: str) -> tu
     }
     notes = []
     try:
-        lpips = lpips_model("vgg")
+        lpips = loss_fn.lpips if loss_fn.lpips is not None else lpips_model("vgg").to(device)
         result["lpips"] = sum(
-            lpips(pred[i : i + eval_batch], target[i : i + eval_batch]).item()
+            lpips(pred[i : i + eval_batch].to(device), target[i : i + eval_batch].to(device)).item()
             * len(pred[i : i + eval_batch])
             for i in range(0, len(pred), eval_batch)
         ) / len(pred)
@@ -272,10 +272,7 @@ def train_case(
     )
     for step in bar:
         tic = time.perf_counter()
-        batch = {
-            k: t.to(device)
-            for k, t in batch_items(train_set, step, suite.batch, rank, world_size).items()
-        }
+        batch = collate(batch_items(train_set, step, suite.batch, rank, world_size), device)
         out = net(batch["source"], batch["source_pose"], batch["target_pose"])
         loss = loss_fn(out, batch["target"])
         if not math.isfinite(loss.item()):
