@@ -18,6 +18,8 @@ examples:
   attnbench run suites/quick.yaml --out /tmp/ab    measure; rows in /tmp/ab/quick-<device>.jsonl
   attnbench run suites/micro.yaml --resume         continue an interrupted run
   attnbench run suites/micro.yaml --shard 2/4      the second of four shares of the cases
+  attnbench report --results results/raw --out results
+                                                   tables, plots and report.md from the rows
 """
 
 
@@ -135,6 +137,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from attnbench.report import load, write_report
+
+    try:
+        rows = load(args.results)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    written = write_report(rows, args.out, plots=not args.no_plots)
+    tables = sum(p.suffix == ".md" and p.parent.name == "tables" for p in written)
+    plots = sum(p.suffix == ".png" for p in written)
+    print(f"{len(rows)} rows -> {tables} tables (Markdown and CSV), {plots} plots in {args.out}")
+    print(f"one page: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
 def is_main_process() -> bool:
     """False on the ranks other than 0 of a torchrun launch."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -182,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "report",
+        help="tables (Markdown, CSV) and plots (PNG) from result rows",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--results",
+        nargs="+",
+        default=["results/raw"],
+        metavar="PATH",
+        help="results files or directories of *.jsonl (default: results/raw)",
+    )
+    p.add_argument("--out", default="results", help="output directory (default: results)")
+    p.add_argument("--no-plots", action="store_true", help="tables and report.md only")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,764 @@
+"""Tables from result rows: what each measurement says, per machine, in Markdown and CSV.
+
+Rows are never averaged across machines: every table is split into sections by the context that
+measured it (:data:`MACHINE_KEYS`: device, processor or GPU name, thread count, torch version),
+and the section heading names it. Within a section, rows are sorted by their content, never by
+the order they were written, so the same rows always give byte-identical files.
+
+A method is an implementation with its parameters as the suite gave them (``gpa.torch`` with
+``phase1_res=64``); its label in a micro row is resolved for that row's map (``d=4`` at 256x256,
+``d=1`` at 64x64), so curves over map sizes follow the method, and per-size tables show the label.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
+FAMILY_ORDER = ("none", "full", "xformers", "gpa", "nystrom", "performer")
+BASELINE = "full.sdpa"  # what speed-ups and overtaking sizes are measured against
+SCALING_FIT_MAPS = 3  # the exponent is fitted over each method's largest maps
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Col:
+    """A column: Markdown header (with unit), record key (the CSV header), number format.
+
+    ``std`` names the record key of a spread shown after the value (``0.123 ± 0.004``).
+    """
+
+    header: str
+    key: str
+    fmt: str = ""
+    std: str | None = None
+    std_fmt: str | None = None  # default: ``fmt``
+
+
+@dataclass
+class Section:
+    """One block of a table: a heading, its context (CSV columns), records and notes."""
+
+    heading: str
+    context: dict
+    records: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Table:
+    """A named table: ``name`` is the file stem under ``tables/``."""
+
+    name: str
+    title: str
+    about: str
+    cols: list[Col]
+    sections: list[Section]
+
+    def markdown(self) -> str:
+        """Heading, description, then each section as a Markdown table."""
+        out = [f"## {self.title}", "", self.about, ""]
+        if not self.sections:
+            out += ["No rows.", ""]
+        for section in self.sections:
+            out += [f"### {section.heading}", "", markdown_table(self.cols, section.records), ""]
+            out += [f"- {note}" for note in section.notes]
+            if section.notes:
+                out.append("")
+        return "\n".join(out)
+
+    def csv(self) -> str:
+        """Every section's records, with its context as leading columns; numbers unrounded."""
+        context_keys: list[str] = []
+        for section in self.sections:
+            context_keys += [k for k in section.context if k not in context_keys]
+        keys = [c.key for c in self.cols] + [c.std for c in self.cols if c.std]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(context_keys + keys)
+        for section in self.sections:
+            for record in section.records:
+                context = [section.context.get(k) for k in context_keys]
+                writer.writerow([csv_value(v) for v in context + [record.get(k) for k in keys]])
+        return buffer.getvalue()
+
+
+def csv_value(value) -> str:
+    """A CSV cell: empty for null, ``repr``-exact floats, plain text otherwise."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def cell(value, fmt: str) -> str:
+    """A Markdown cell: ``-`` for null, numbers by ``fmt``, thousands separated for ints."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and not fmt:
+        return f"{value:,}"
+    if isinstance(value, (int, float)) and fmt:
+        return format(value, fmt)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(cols: list[Col], records: list[dict]) -> str:
+    """A pipe table of ``records``; columns that are null in every record are left out."""
+    shown = [c for c in cols if any(r.get(c.key) is not None for r in records)]
+    lines = ["| " + " | ".join(c.header for c in shown) + " |"]
+    lines.append("|" + "|".join("---" if c.fmt == "" else "--:" for c in shown) + "|")
+    for r in records:
+        cells = []
+        for c in shown:
+            text = cell(r.get(c.key), c.fmt)
+            if c.std and r.get(c.key) is not None and r.get(c.std) is not None:
+                text += " ± " + cell(r[c.std], c.std_fmt or c.fmt)
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- grouping --------------------------------------------------------------------------------
+
+
+def machine_of(row: dict) -> tuple:
+    """The context a row was measured in; rows of different machines are never combined."""
+    return tuple(row.get(k) for k in MACHINE_KEYS)
+
+
+def machine_name(machine: tuple) -> str:
+    """``Intel(R) Xeon(R) Processor (cpu), 2 threads, torch 2.14.1``."""
+    device, name, threads, torch_version = machine
+    return f"{name} ({device}), {threads} threads, torch {torch_version}"
+
+
+def family_rank(impl: str) -> tuple:
+    """Sort key: no attention, exact, GPA, then the approximations, then anything else."""
+    family = impl.partition(".")[0]
+    rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+    return rank, impl
+
+
+def method_rank(row: dict) -> tuple:
+    """Sort key of a row's method: family, implementation, then parameters by value."""
+    params = row.get("params") or {}
+    values = tuple((k, *sort_key((params[k],))) for k in sorted(params))
+    return family_rank(row["impl"]) + (values, row["label"])
+
+
+def params_text(params: dict) -> str:
+    """``phase1_res=64, topk=12`` (sorted; empty for none)."""
+    return ", ".join(f"{k}={params[k]}" for k in sorted(params))
+
+
+def method_of(row: dict) -> tuple[str, str]:
+    """(impl, parameters as given): the identity of a method across map sizes."""
+    return row["impl"], params_text(row.get("params") or {})
+
+
+def method_label(impl: str, params: dict) -> str:
+    """The label of a method not resolved for any map (``gpa.torch(res=64,s=2,k=12)``).
+
+    Falls back to ``impl(k=v, ...)`` when the implementation cannot be created here (a plugin
+    that is not installed on the machine that makes the report).
+    """
+    from attnbench import registry
+
+    try:
+        return registry.create(impl, **params).label
+    except Exception:  # noqa: BLE001 - any failure means: not creatable here
+        return f"{impl}({params_text(params)})" if params else impl
+
+
+def partition(rows: Iterable[dict], key: Callable[[dict], tuple]) -> list[tuple[tuple, list]]:
+    """Rows split by ``key``, in sorted key order (None sorts first)."""
+    parts: dict[tuple, list] = defaultdict(list)
+    for row in rows:
+        parts[key(row)].append(row)
+    return sorted(parts.items(), key=lambda kv: sort_key(kv[0]))
+
+
+def sort_key(values: tuple) -> tuple:
+    """A key that sorts tuples mixing None, numbers and strings."""
+    return tuple((v is not None, str(type(v).__name__), v if v is not None else 0) for v in values)
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the non-null values (std None below two)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def mib(value) -> float | None:
+    """Bytes as MiB."""
+    return None if value is None else value / MIB
+
+
+def map_text(row: dict) -> str:
+    """``256x256``, or ``q 64x64, kv 32x32`` for cross-attention between maps of other sizes."""
+    q = f"{row['q_h']}x{row['q_w']}"
+    if (row["kv_h"], row["kv_w"]) == (row["q_h"], row["q_w"]):
+        return q
+    return f"q {q}, kv {row['kv_h']}x{row['kv_w']}"
+
+
+def tokens(row: dict) -> int:
+    """Query tokens of a micro row."""
+    return row["q_h"] * row["q_w"]
+
+
+def shape_key(row: dict) -> tuple:
+    """Everything that makes two micro rows the same inputs apart from the method."""
+    return (
+        tokens(row),
+        row["q_h"],
+        row["q_w"],
+        row["kv_h"],
+        row["kv_w"],
+        row["channels"],
+        row.get("v_channels"),
+        row["batch"],
+        row["heads"],
+        row.get("inputs"),
+    )
+
+
+def micro_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "micro"]
+
+
+def train_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def timed(row: dict) -> bool:
+    return row["status"] == "ok" and (
+        row.get("time_fwd_ms") is not None or row.get("mem_fwd_bytes") is not None
+    )
+
+
+# --- micro ------------------------------------------------------------------------------------
+
+MICRO_COLS = [
+    Col("implementation", "label"),
+    Col("map", "map"),
+    Col("C", "channels", "d"),
+    Col("B x H", "batch_heads"),
+    Col("fwd ms", "time_fwd_ms", ".4g", std="time_fwd_iqr_ms", std_fmt=".2g"),
+    Col("fwd+bwd ms", "time_fwdbwd_ms", ".4g", std="time_fwdbwd_iqr_ms", std_fmt=".2g"),
+    Col("fwd MiB", "mem_fwd_mib", ".4g"),
+    Col("fwd+bwd MiB", "mem_fwdbwd_mib", ".4g"),
+    Col("GFLOP/s (fwd)", "gflops_fwd", ".4g"),
+    Col("of matmul peak", "peak_percent", ".1f"),
+    Col(f"fwd speed-up vs {BASELINE}", "speedup_fwd", ".3g"),
+    Col(f"fwd+bwd speed-up vs {BASELINE}", "speedup_fwdbwd", ".3g"),
+]
+
+
+def micro_table(rows: list[dict]) -> Table:
+    """Time, memory and FLOP rate per case, with the speed-up over the exact baseline."""
+    sections = []
+    ok = [r for r in micro_rows(rows) if timed(r)]
+    for (machine, suite, dtype), part in partition(
+        ok, lambda r: (machine_of(r), r["suite"], r["dtype"])
+    ):
+        baseline = {shape_key(r): r for r in part if r["impl"] == BASELINE}
+        records = []
+        for r in sorted(part, key=lambda r: sort_key(shape_key(r)) + method_rank(r)):
+            base = baseline.get(shape_key(r), {})
+            fraction = r.get("peak_fraction")
+            records.append(
+                {
+                    "label": r["label"],
+                    "map": map_text(r),
+                    "channels": r["channels"],
+                    "batch_heads": f"{r['batch']} x {r['heads']}",
+                    "time_fwd_ms": r.get("time_fwd_ms"),
+                    "time_fwd_iqr_ms": r.get("time_fwd_iqr_ms"),
+                    "time_fwdbwd_ms": r.get("time_fwdbwd_ms"),
+                    "time_fwdbwd_iqr_ms": r.get("time_fwdbwd_iqr_ms"),
+                    "mem_fwd_mib": mib(r.get("mem_fwd_bytes")),
+                    "mem_fwdbwd_mib": mib(r.get("mem_fwdbwd_bytes")),
+                    "gflops_fwd": r.get("gflops_fwd"),
+                    "peak_percent": None if fraction is None else 100 * fraction,
+                    "speedup_fwd": ratio(base.get("time_fwd_ms"), r.get("time_fwd_ms")),
+                    "speedup_fwdbwd": ratio(base.get("time_fwdbwd_ms"), r.get("time_fwdbwd_ms")),
+                }
+            )
+        sections.append(
+            Section(
+                f"{suite} — {machine_name(machine)}, {dtype}",
+                {"machine": machine_name(machine), "suite": suite, "dtype": dtype},
+                records,
+            )
+        )
+    return Table(
+        "micro",
+        "Time and memory per case",
+        "Median time (± interquartile range) forward and forward+backward, peak memory above the "
+        "inputs, useful GFLOP/s of the forward and its share of this machine's dense fp32 matmul "
+        f"rate (percent), and the speed-up over `{BASELINE}` on the same inputs.",
+        MICRO_COLS,
+        sections,
+    )
+
+
+def ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+# --- scaling ----------------------------------------------------------------------------------
+
+SCALING_COLS = [
+    Col("implementation", "method"),
+    Col("maps measured", "maps"),
+    Col("time exponent", "time_exponent", ".2f"),
+    Col("memory exponent", "memory_exponent", ".2f"),
+    Col(f"faster than {BASELINE} from", "time_overtakes"),
+    Col(f"less memory than {BASELINE} from", "memory_overtakes"),
+]
+
+
+def fit_exponent(points: list[tuple[int, float]]) -> float | None:
+    """Slope of log(value) against log(tokens) over the largest :data:`SCALING_FIT_MAPS` maps."""
+    points = sorted((n, v) for n, v in points if v is not None and v > 0)[-SCALING_FIT_MAPS:]
+    if len(points) < 2:
+        return None
+    x = np.log([n for n, _ in points])
+    y = np.log([v for _, v in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def overtakes(mine: dict[int, float], base: dict[int, float], maps: dict[int, str]) -> str | None:
+    """The smallest size from which ``mine`` is below ``base`` at every larger common size."""
+    common = sorted(n for n in mine if n in base and mine[n] is not None and base[n] is not None)
+    if not common:
+        return None
+    below = [mine[n] < base[n] for n in common]
+    if not below[-1]:
+        return f"not up to {common[-1]:,} tokens"
+    first = len(below)
+    while first > 0 and below[first - 1]:
+        first -= 1
+    n = common[first]
+    prefix = "<= " if first == 0 else ""
+    return f"{prefix}{n:,} tokens ({maps[n]})"
+
+
+def scaling_table(rows: list[dict]) -> Table:
+    """Fitted exponents of time and memory against tokens, and where each method overtakes."""
+    sections = []
+    ok = [r for r in micro_rows(rows) if timed(r)]
+    for (machine, suite, dtype, channels, batch, heads), part in partition(
+        ok,
+        lambda r: (machine_of(r), r["suite"], r["dtype"], r["channels"], r["batch"], r["heads"]),
+    ):
+        by_method: dict[tuple, list] = defaultdict(list)
+        for r in part:
+            if r.get("inputs") in (None, "gaussian"):
+                by_method[method_of(r)].append(r)
+        if not any(len({tokens(r) for r in rs}) >= 3 for rs in by_method.values()):
+            continue
+
+        def series(rs: list[dict], key: str) -> dict[int, float]:
+            return {tokens(r): r.get(key) for r in rs}
+
+        base = next((rs for (impl, _), rs in by_method.items() if impl == BASELINE), [])
+        records = []
+        for (impl, _), rs in sorted(by_method.items(), key=lambda kv: method_rank(kv[1][0])):
+            sizes = sorted({tokens(r) for r in rs})
+            if len(sizes) < 3:
+                continue
+            maps = {tokens(r): map_text(r) for r in rs}
+            is_base = impl == BASELINE
+            records.append(
+                {
+                    "method": method_label(impl, rs[0].get("params") or {}),
+                    "maps": f"{len(sizes)}: {maps[sizes[0]]} to {maps[sizes[-1]]}",
+                    "time_exponent": fit_exponent(list(series(rs, "time_fwd_ms").items())),
+                    "memory_exponent": fit_exponent(list(series(rs, "mem_fwd_bytes").items())),
+                    "time_overtakes": None
+                    if is_base
+                    else overtakes(series(rs, "time_fwd_ms"), series(base, "time_fwd_ms"), maps),
+                    "memory_overtakes": None
+                    if is_base
+                    else overtakes(
+                        series(rs, "mem_fwd_bytes"), series(base, "mem_fwd_bytes"), maps
+                    ),
+                }
+            )
+        sections.append(
+            Section(
+                f"{suite}, C = {channels}, B x H = {batch} x {heads} — "
+                f"{machine_name(machine)}, {dtype}",
+                {
+                    "machine": machine_name(machine),
+                    "suite": suite,
+                    "dtype": dtype,
+                    "channels": channels,
+                    "batch": batch,
+                    "heads": heads,
+                },
+                records,
+            )
+        )
+    return Table(
+        "scaling",
+        "Scaling with the number of tokens",
+        "Exponent p of time ∝ tokens^p and memory ∝ tokens^p (forward; least squares in log-log "
+        f"over each method's largest {SCALING_FIT_MAPS} maps; exact attention is 2, linear "
+        f"methods 1), and the smallest map from which a method stays faster than, or needs less "
+        f"memory than, `{BASELINE}` at every larger map both measured. Methods with fewer than "
+        "three measured maps are left out.",
+        SCALING_COLS,
+        sections,
+    )
+
+
+# --- fidelity ---------------------------------------------------------------------------------
+
+FIDELITY_COLS = [
+    Col("implementation", "label"),
+    Col("map", "map"),
+    Col("C", "channels", "d"),
+    Col("relative error (output)", "rel_err_out", ".3g"),
+    Col("relative error (input gradients)", "rel_err_grad", ".3g"),
+    Col("copy PSNR dB", "copy_psnr", ".2f"),
+]
+
+
+def fidelity_table(rows: list[dict]) -> Table:
+    """Relative error against exact attention, and copy PSNR, per input family."""
+    sections = []
+    scored = [
+        r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None
+    ]
+    for (machine, suite, dtype, inputs), part in partition(
+        scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r.get("inputs"))
+    ):
+        part = sorted(part, key=lambda r: sort_key(shape_key(r)) + method_rank(r))
+        records = [
+            {
+                "label": r["label"],
+                "map": map_text(r),
+                "channels": r["channels"],
+                "rel_err_out": r.get("rel_err_out"),
+                "rel_err_grad": r.get("rel_err_grad"),
+                "copy_psnr": r.get("copy_psnr"),
+            }
+            for r in part
+        ]
+        sections.append(
+            Section(
+                f"{suite}, {inputs} inputs — {machine_name(machine)}, {dtype}",
+                {
+                    "machine": machine_name(machine),
+                    "suite": suite,
+                    "dtype": dtype,
+                    "inputs": inputs,
+                },
+                records,
+            )
+        )
+    return Table(
+        "fidelity",
+        "Fidelity to exact attention",
+        "Relative L2 error of the output and of the input gradients against exact attention in "
+        "float64, per input family: gaussian (no spatial structure), smooth (correlated fields), "
+        "warp-copy (queries from an affinely warped image must find its pixels; copy PSNR of the "
+        "output against the truly warped image, in dB). The error can exceed 1: on inputs "
+        "without structure exact attention averages nearly all values to a small output, while "
+        "a method that keeps a few keys returns a larger one.",
+        FIDELITY_COLS,
+        sections,
+    )
+
+
+# --- training ---------------------------------------------------------------------------------
+
+COPYING_COLS = [
+    Col("implementation", "label"),
+    Col("runs ok", "runs"),
+    Col("test L1", "test_l1", ".4f", std="test_l1_std"),
+    Col("SSIM", "ssim", ".4f", std="ssim_std"),
+    Col("PSNR dB", "psnr", ".2f", std="psnr_std"),
+    Col("LPIPS", "lpips", ".4f", std="lpips_std"),
+    Col("FID", "fid", ".2f", std="fid_std"),
+    Col("attention MiB", "attn_mib", ".3g"),
+    Col("step ms", "step_ms", ".4g"),
+    Col("parameters", "n_params"),
+]
+TRAIN_METRICS = ("test_l1", "ssim", "psnr", "lpips", "fid")
+REASON_SPLIT = re.compile(r";\s+(?=\w+: )")  # "lpips: ...; fid: ..." -> one reason per metric
+
+
+def train_record(label: str, runs: list[dict]) -> dict:
+    """Mean ± std over the ok runs (seeds) of one method."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    record: dict = {"label": label, "runs": f"{len(ok)}/{len(runs)}"}
+    for key in TRAIN_METRICS:
+        record[key], record[f"{key}_std"] = mean_std([r.get(key) for r in ok])
+    record["attn_mib"] = mib(mean_std([r.get("attn_mem_bytes") for r in ok])[0])
+    step = mean_std([r.get("step_time_s") for r in ok])[0]
+    record["step_ms"] = None if step is None else 1000 * step
+    params = sorted({r.get("n_params") for r in ok if r.get("n_params") is not None})
+    record["n_params"] = params[0] if len(params) == 1 else None
+    return record
+
+
+def train_heading(suite: str, part: list[dict], machine: tuple) -> tuple[str, dict]:
+    first = part[0]
+    context = {
+        "machine": machine_name(machine),
+        "suite": suite,
+        "task": first.get("task"),
+        "preset": first.get("preset"),
+        "steps": first.get("steps"),
+        "batch": first.get("batch"),
+    }
+    heading = (
+        f"{suite}: {context['task']} task, preset {context['preset']}, {context['steps']} steps, "
+        f"batch {context['batch']} — {machine_name(machine)}"
+    )
+    return heading, context
+
+
+def train_key(row: dict) -> tuple:
+    return (
+        machine_of(row),
+        row["suite"],
+        row.get("task"),
+        row.get("preset"),
+        row.get("steps"),
+        row.get("batch"),
+    )
+
+
+def reasons_of(runs: list[dict]) -> list[str]:
+    """The distinct reasons attached to ok runs (metrics that could not be computed)."""
+    reasons = set()
+    for r in runs:
+        if r["status"] == "ok" and r.get("reason"):
+            reasons.update(part.strip() for part in REASON_SPLIT.split(r["reason"]))
+    return sorted(reasons)
+
+
+def copying_table(rows: list[dict]) -> Table:
+    """Held-out metrics as mean ± std over seeds, attention memory and step time."""
+    sections = []
+    for key, part in partition(train_rows(rows), train_key):
+        by_method: dict[tuple, list] = defaultdict(list)
+        for r in part:
+            by_method[method_of(r)].append(r)
+        records = [
+            train_record(runs[0]["label"], runs)
+            for runs in sorted(by_method.values(), key=lambda runs: method_rank(runs[0]))
+        ]
+        heading, context = train_heading(key[1], part, key[0])
+        sections.append(Section(heading, context, records, notes=reasons_of(part)))
+    return Table(
+        "copying",
+        "Training: copying through attention",
+        "Held-out metrics after training, mean ± sample standard deviation over seeds (runs "
+        "that diverged or failed are counted in 'runs ok' and left out of the means); attention "
+        "memory is the peak of the attention blocks alone at batch 1; step time is the mean "
+        "training step.",
+        COPYING_COLS,
+        sections,
+    )
+
+
+# --- κ ablation -------------------------------------------------------------------------------
+
+
+def topk_of(row: dict) -> int | None:
+    """κ of a GPA row: its ``topk`` parameter, or the implementation's default."""
+    params = row.get("params") or {}
+    if "topk" in params:
+        return params["topk"]
+    from attnbench import registry
+
+    try:
+        return registry.get(row["impl"]).PARAMS["topk"].default
+    except (KeyError, AttributeError):
+        return None
+
+
+def kappa_groups(rows: list[dict]) -> list[tuple[tuple, list]]:
+    """GPA rows by everything but κ; only groups with at least two values of κ."""
+
+    def rest(r: dict) -> str:
+        return params_text({k: v for k, v in (r.get("params") or {}).items() if k != "topk"})
+
+    gpa = [r for r in rows if r["impl"].startswith("gpa.") and topk_of(r) is not None]
+    groups = partition(gpa, lambda r: (r["impl"], rest(r)))
+    return [(key, part) for key, part in groups if len({topk_of(r) for r in part}) >= 2]
+
+
+KAPPA_TRAIN_COLS = [Col("κ", "topk", "d")] + [
+    c for c in COPYING_COLS if c.key not in ("label", "n_params")
+]
+KAPPA_FIDELITY_COLS = [
+    Col("κ", "topk", "d"),
+    Col("implementation", "label"),
+    Col("map", "map"),
+    Col("relative error (output)", "rel_err_out", ".3g"),
+    Col("relative error (input gradients)", "rel_err_grad", ".3g"),
+    Col("copy PSNR dB", "copy_psnr", ".2f"),
+]
+
+
+def kappa_training_table(rows: list[dict]) -> Table:
+    """The paper's κ ablation (Fig. 7a) on the training task: metrics against κ."""
+    sections = []
+    for key, part in partition(train_rows(rows), train_key):
+        for (impl, rest), group in kappa_groups(part):
+            records = []
+            for topk, runs in partition(group, lambda r: (topk_of(r),)):
+                records.append({"topk": topk[0], **train_record(runs[0]["label"], runs)})
+            heading, context = train_heading(key[1], part, key[0])
+            context |= {"impl": impl, "fixed": rest}
+            fixed = f" ({rest})" if rest else ""
+            sections.append(Section(f"{impl}{fixed}, {heading}", context, records))
+    return Table(
+        "kappa-copying",
+        "κ ablation: training",
+        "Held-out metrics of GPA against κ, the key blocks kept per query cell, with everything "
+        "else fixed (mean ± std over seeds; the paper's Fig. 7a).",
+        KAPPA_TRAIN_COLS,
+        sections,
+    )
+
+
+def kappa_fidelity_table(rows: list[dict]) -> Table:
+    """Fidelity to exact attention against κ, per input family and map."""
+    sections = []
+    scored = [
+        r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None
+    ]
+    for (machine, suite, dtype, inputs), part in partition(
+        scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r.get("inputs"))
+    ):
+        for (impl, rest), group in kappa_groups(part):
+            group = sorted(group, key=lambda r: sort_key(shape_key(r)) + (topk_of(r),))
+            records = [
+                {
+                    "topk": topk_of(r),
+                    "label": r["label"],
+                    "map": map_text(r),
+                    "rel_err_out": r.get("rel_err_out"),
+                    "rel_err_grad": r.get("rel_err_grad"),
+                    "copy_psnr": r.get("copy_psnr"),
+                }
+                for r in group
+            ]
+            fixed = f" ({rest})" if rest else ""
+            sections.append(
+                Section(
+                    f"{impl}{fixed}, {suite}, {inputs} inputs — {machine_name(machine)}, {dtype}",
+                    {
+                        "machine": machine_name(machine),
+                        "suite": suite,
+                        "dtype": dtype,
+                        "inputs": inputs,
+                        "impl": impl,
+                        "fixed": rest,
+                    },
+                    records,
+                )
+            )
+    return Table(
+        "kappa-fidelity",
+        "κ ablation: fidelity",
+        "Relative error of GPA against exact attention as κ grows, everything else fixed.",
+        KAPPA_FIDELITY_COLS,
+        sections,
+    )
+
+
+# --- not run ----------------------------------------------------------------------------------
+
+NOT_RUN_COLS = [
+    Col("suite", "suite"),
+    Col("implementation", "label"),
+    Col("case", "case"),
+    Col("status", "status"),
+    Col("reason", "reason"),
+]
+
+
+def case_text(row: dict) -> str:
+    """What a row measured, in a few words."""
+    if row.get("kind") == "train":
+        return f"seed {row.get('seed')}"
+    parts = [map_text(row), f"C={row['channels']}"]
+    if row.get("inputs"):
+        parts.append(str(row["inputs"]))
+    return ", ".join(parts)
+
+
+def not_run_table(rows: list[dict]) -> Table:
+    """Every row whose status is not ok, with its reason."""
+    sections = []
+    failed = [r for r in rows if r["status"] != "ok"]
+    for (machine,), part in partition(failed, lambda r: (machine_of(r),)):
+        part = sorted(
+            part,
+            key=lambda r: (
+                (r["suite"], r["status"])
+                + family_rank(r["impl"])
+                + (r["label"],)
+                + sort_key(shape_key(r) if r.get("kind") == "micro" else (r.get("seed"),))
+            ),
+        )
+        records = [
+            {
+                "suite": r["suite"],
+                "label": r["label"],
+                "case": case_text(r),
+                "status": r["status"],
+                "reason": r.get("reason"),
+            }
+            for r in part
+        ]
+        sections.append(Section(machine_name(machine), {"machine": machine_name(machine)}, records))
+    return Table(
+        "not-run",
+        "Not run",
+        "Every case whose status is not ok (unsupported, oom, error, diverged), with its reason.",
+        NOT_RUN_COLS,
+        sections,
+    )
+
+
+TABLES: tuple[Callable[[list[dict]], Table], ...] = (
+    micro_table,
+    scaling_table,
+    fidelity_table,
+    copying_table,
+    kappa_training_table,
+    kappa_fidelity_table,
+    not_run_table,
+)
+
+
+def all_tables(rows: list[dict]) -> list[Table]:
+    """Every table, in report order."""
+    return [make(rows) for make in TABLES]
