@@ -77,7 +77,12 @@ def pictures(rows: list[dict]) -> list[tuple[str, object]]:
         name = name_for(f"{slug(key[1])}-outputs", key[0], machines)
         figures.append((name, copying_outputs_figure(entries, title)))
     if any(r["impl"].startswith("gpa.") for r in rows):
-        figures.append(("gpa-selected-keys", selected_keys_figure()))
+        # Both affinities: with "dot" the kept blocks scatter on this example, with "euclid"
+        # (the authors' module) they gather around the true match — worth seeing side by side.
+        for affinity in ("dot", "euclid"):
+            figures.append(
+                (f"gpa-selected-keys-{affinity}", selected_keys_figure(affinity=affinity))
+            )
     return figures
 
 

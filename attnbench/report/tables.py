@@ -21,8 +21,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
 FAMILY_ORDER = ("none", "full", "xformers", "gpa", "nystrom", "performer")
 BASELINE = "full.sdpa"  # what speed-ups and overtaking sizes are measured against
@@ -141,7 +139,8 @@ def machine_of(row: dict) -> tuple:
 def machine_name(machine: tuple) -> str:
     """``Intel(R) Xeon(R) Processor (cpu), 2 threads, torch 2.14.1``."""
     device, name, threads, torch_version = machine
-    return f"{name} ({device}), {threads} threads, torch {torch_version}"
+    threads_text = "1 thread" if threads == 1 else f"{threads} threads"
+    return f"{name} ({device}), {threads_text}, torch {torch_version}"
 
 
 def family_rank(impl: str) -> tuple:
@@ -264,9 +263,9 @@ MICRO_COLS = [
     Col("fwd MiB", "mem_fwd_mib", ".4g"),
     Col("fwd+bwd MiB", "mem_fwdbwd_mib", ".4g"),
     Col("GFLOP/s (fwd)", "gflops_fwd", ".4g"),
-    Col("of matmul peak", "peak_percent", ".1f"),
-    Col(f"fwd speed-up vs {BASELINE}", "speedup_fwd", ".3g"),
-    Col(f"fwd+bwd speed-up vs {BASELINE}", "speedup_fwdbwd", ".3g"),
+    Col("% of matmul peak", "peak_percent", ".1f"),
+    Col(f"fwd speed-up vs {BASELINE} (x)", "speedup_fwd", ".3g"),
+    Col(f"fwd+bwd speed-up vs {BASELINE} (x)", "speedup_fwdbwd", ".3g"),
 ]
 
 
@@ -341,9 +340,10 @@ def fit_exponent(points: list[tuple[int, float]]) -> float | None:
     points = sorted((n, v) for n, v in points if v is not None and v > 0)[-SCALING_FIT_MAPS:]
     if len(points) < 2:
         return None
-    x = np.log([n for n, _ in points])
-    y = np.log([v for _, v in points])
-    return float(np.polyfit(x, y, 1)[0])
+    # Pure-Python least squares: the same bits on every machine (CSV cells are exact floats).
+    x = [math.log(n) for n, _ in points]
+    y = [math.log(v) for _, v in points]
+    return statistics.linear_regression(x, y).slope
 
 
 def overtakes(mine: dict[int, float], base: dict[int, float], maps: dict[int, str]) -> str | None:

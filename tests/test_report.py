@@ -1,0 +1,238 @@
+"""attnbench report: tables against hand-computed values and a checked-in fixture; plots."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnbench.report import load, write_report
+from attnbench.report.tables import (
+    all_tables,
+    copying_table,
+    machine_name,
+    micro_table,
+    not_run_table,
+    scaling_table,
+)
+from attnbench.results import REQUIRED_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "report"
+
+
+def micro_row(impl: str, side: int, time_ms: float | None, mem: int | None, **extra) -> dict:
+    """A micro row with every required key; time and memory as given."""
+    row = dict.fromkeys(REQUIRED_KEYS)
+    row |= {
+        "suite": "s",
+        "kind": "micro",
+        "case_id": f"{impl}-{side}",
+        "impl": impl,
+        "params": {},
+        "label": impl,
+        "status": "ok" if time_ms is not None else "unsupported",
+        "reason": None if time_ms is not None else "too big",
+        "device": "cpu",
+        "device_name": "Test CPU",
+        "dtype": "float32",
+        "threads": 2,
+        "torch_version": "2.0",
+        "seed": 0,
+        "batch": 1,
+        "heads": 1,
+        "q_h": side,
+        "q_w": side,
+        "kv_h": side,
+        "kv_w": side,
+        "channels": 64,
+        "inputs": "gaussian",
+        "time_fwd_ms": time_ms,
+        "mem_fwd_bytes": mem,
+    }
+    return row | extra
+
+
+def train_row(impl: str, seed: int, l1: float, **extra) -> dict:
+    row = dict.fromkeys(REQUIRED_KEYS)
+    row |= {
+        "suite": "t",
+        "kind": "train",
+        "case_id": f"{impl}-{seed}",
+        "impl": impl,
+        "params": {},
+        "label": impl,
+        "status": "ok",
+        "device": "cpu",
+        "device_name": "Test CPU",
+        "dtype": "float32",
+        "threads": 2,
+        "torch_version": "2.0",
+        "seed": seed,
+        "task": "copying",
+        "preset": "cpu64",
+        "steps": 10,
+        "batch": 2,
+        "test_l1": l1,
+        "attn_mem_bytes": 2**20,
+        "step_time_s": 0.5,
+    }
+    return row | extra
+
+
+def test_speedup_is_the_baseline_time_over_the_method_time():
+    rows = [
+        micro_row("full.sdpa", 32, 40.0, 100),
+        micro_row("none", 32, 2.5, 10),
+        micro_row("none", 64, 1.0, 10),  # no baseline at 64: no speed-up
+    ]
+    records = micro_table(rows).sections[0].records
+    by_key = {(r["label"], r["map"]): r for r in records}
+    assert by_key["none", "32x32"]["speedup_fwd"] == pytest.approx(16.0)
+    assert by_key["full.sdpa", "32x32"]["speedup_fwd"] == pytest.approx(1.0)
+    assert by_key["none", "64x64"]["speedup_fwd"] is None
+
+
+def test_scaling_fits_power_laws_and_finds_where_a_method_overtakes():
+    sides = [16, 32, 64, 128]
+    rows = [micro_row("full.sdpa", s, 1e-4 * (s * s) ** 2, 10 * s * s) for s in sides]
+    # linear in tokens, slower than quadratic below 64x64 (crossing between 32² and 64²)
+    rows += [micro_row("performer.torch", s, 0.05 * s * s, 3000 * s * s) for s in sides]
+    rows.append(micro_row("performer.torch", 256, None, None))  # not run: not part of the fit
+    (section,) = scaling_table(rows).sections
+    by_method = {r["method"].split("(")[0]: r for r in section.records}
+    assert by_method["full.sdpa"]["time_exponent"] == pytest.approx(2.0)
+    assert by_method["full.sdpa"]["memory_exponent"] == pytest.approx(1.0)
+    performer = by_method["performer.torch"]
+    assert performer["time_exponent"] == pytest.approx(1.0)
+    # 0.05 n < 1e-4 n² <=> n > 500 tokens: first faster at 32x32 = 1,024 tokens
+    assert performer["time_overtakes"] == "1,024 tokens (32x32)"
+    assert performer["memory_overtakes"] == "not up to 16,384 tokens"
+
+
+def test_copying_means_and_stds_over_seeds_per_machine():
+    l1 = {0: 0.10, 1: 0.12, 2: 0.13}
+    rows = [train_row("none", seed, value) for seed, value in l1.items()]
+    other = [train_row("none", seed, 0.5, threads=8) for seed in (0, 1)]
+    diverged = train_row("none", 3, None, status="diverged", reason="nan")
+    table = copying_table(rows + other + [diverged])
+    assert [s.context["machine"] for s in table.sections] == [
+        machine_name(("cpu", "Test CPU", 2, "2.0")),
+        machine_name(("cpu", "Test CPU", 8, "2.0")),
+    ]
+    mine, theirs = (s.records[0] for s in table.sections)
+    assert mine["test_l1"] == pytest.approx(statistics.fmean(l1.values()))
+    assert mine["test_l1_std"] == pytest.approx(statistics.stdev(l1.values()))
+    assert mine["runs"] == "3/4"  # the diverged run is counted, not averaged
+    assert theirs["test_l1"] == pytest.approx(0.5)  # never mixed with the other machine
+
+
+def test_not_run_lists_every_row_that_is_not_ok_with_its_reason():
+    rows = [micro_row("full.sdpa", 32, 1.0, 1), micro_row("none", 64, None, None)]
+    rows.append(train_row("none", 0, None, status="error", reason="boom"))
+    (section,) = not_run_table(rows).sections
+    assert [(r["label"], r["status"], r["reason"]) for r in section.records] == [
+        ("none", "unsupported", "too big"),
+        ("none", "error", "boom"),
+    ]
+
+
+def write_tables(rows: list[dict], out: Path) -> dict[str, bytes]:
+    write_report(rows, out, plots=False)
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.*"))}
+
+
+def test_fixture_rows_give_the_checked_in_tables_byte_for_byte(tmp_path):
+    got = write_tables(load([FIXTURE / "rows.jsonl"]), tmp_path)
+    expected_dir = FIXTURE / "expected"
+    expected = {
+        p.relative_to(expected_dir).as_posix(): p.read_bytes()
+        for p in sorted(expected_dir.rglob("*.*"))
+    }
+    assert sorted(got) == sorted(expected)
+    for name, content in expected.items():
+        assert got[name] == content, f"{name} differs from the fixture (see its README)"
+
+
+def test_row_order_does_not_change_the_tables(tmp_path):
+    rows = load([FIXTURE / "rows.jsonl"])
+    shuffled = copy.deepcopy(rows)
+    random.Random(0).shuffle(shuffled)
+    assert write_tables(rows, tmp_path / "a") == write_tables(shuffled, tmp_path / "b")
+
+
+def test_committed_tables_are_what_the_committed_rows_give(tmp_path):
+    committed = ROOT / "results" / "tables"
+    rows = load([ROOT / "results" / "raw"])
+    for table in all_tables(rows):
+        for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
+            path = committed / f"{table.name}{suffix}"
+            assert path.read_text(encoding="utf-8") == text, (
+                f"{path} is stale: run `attnbench report --results results/raw --out results`"
+            )
+
+
+def test_load_skips_incomplete_rows_with_a_warning(tmp_path):
+    good = micro_row("none", 32, 1.0, 1)
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"impl": "x"}) + "\n")
+    with pytest.warns(UserWarning, match="skipped a row without"):
+        rows = load([tmp_path])
+    assert rows == [good]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load([tmp_path / "missing"])
+
+
+def figure_texts(fig) -> tuple[str, list[tuple[str, str]], bool]:
+    title = fig._suptitle.get_text() if fig._suptitle else ""
+    axes = [ax for ax in fig.axes if ax.get_xlabel() or ax.get_ylabel() or ax.has_data()]
+    title = title or " ".join(ax.get_title() for ax in axes)
+    legend = any(ax.get_legend() is not None for ax in fig.axes) or bool(fig.legends)
+    return title, [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes], legend
+
+
+def test_every_plot_has_a_title_axes_with_units_and_a_legend():
+    from attnbench.report.plots import all_plots
+
+    figures = all_plots(load([FIXTURE / "rows.jsonl"]))
+    names = [name for name, _ in figures]
+    # two machines in the fixture: every name of a copying plot carries its machine
+    for prefix in ("copying-memory-vs-l1-", "copying-kappa-", "micro-time-memory-c64"):
+        assert any(name.startswith(prefix) for name in names), (prefix, names)
+    assert any(name.startswith("fidelity-error-vs-memory") for name in names)
+    for name, fig in figures:
+        title, labels, legend = figure_texts(fig)
+        assert title, name
+        assert legend, name
+        for xlabel, ylabel in labels:
+            assert "(" in xlabel and "(" in ylabel, (name, xlabel, ylabel)
+
+
+def test_machines_get_separate_plots():
+    from attnbench.report.plots import memory_vs_l1
+
+    rows = [train_row("none", s, 0.1) for s in (0, 1)]
+    rows += [train_row("none", s, 0.2, device_name="Other CPU") for s in (0, 1)]
+    names = [name for name, _ in memory_vs_l1(rows)]
+    assert len(names) == 2 and names[0] != names[1]
+
+
+def test_cli_report_writes_tables_and_names_a_missing_path(tmp_path):
+    cmd = [sys.executable, "-m", "attnbench", "report", "--no-plots", "--out", str(tmp_path)]
+    ok = subprocess.run(
+        cmd + ["--results", str(FIXTURE / "rows.jsonl")], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "tables" / "micro.md").exists()
+    assert "102 rows" in ok.stdout
+    bad = subprocess.run(
+        cmd + ["--results", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "nope" in bad.stderr and "does not exist" in bad.stderr
