@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -236,3 +237,14 @@ def test_cli_report_writes_tables_and_names_a_missing_path(tmp_path):
     )
     assert bad.returncode == 2
     assert "nope" in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_report_page_links_every_plot_it_wrote(tmp_path):
+    written = write_report(load([FIXTURE / "rows.jsonl"]), tmp_path)
+    pngs = sorted(p.relative_to(tmp_path).as_posix() for p in written if p.suffix == ".png")
+    page = (tmp_path / "report.md").read_text()
+    linked = sorted(re.findall(r"\]\((plots/[^)]+\.png)\)", page))
+    assert linked == pngs
+    assert "plots/gpa-selected-keys-euclid.png" in linked
+    for png in pngs:
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -141,6 +141,8 @@ def scaling(rows: list[dict]) -> list[tuple[str, Figure]]:
                     label = label or method_label(rs[0]["impl"], rs[0].get("params") or {})
                     if ok:
                         ax.plot(*zip(*ok), marker="o", color=colour, label=label)
+                    else:  # only not-run markers: still named in the legend
+                        ax.plot([], [], NOT_RUN_MARKER, color=colour, label=f"{label}: not run")
                     for n in sorted({tokens(r) for r in rs if r["status"] != "ok"}):
                         ax.plot(
                             n * JITTER ** (i - (len(methods) - 1) / 2),  # apart, not on top
