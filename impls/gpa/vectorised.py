@@ -5,10 +5,15 @@ Jetchev et al. 2021 (arXiv 2107.03742); the steps are listed in
 set of a step stays in cache and memory stays bounded on large maps:
 
 - Phase 1 (:func:`select_keys`, no gradient): pooled queries of a band against all pooled
-  keys, softmax, relevance summed per cell, top-κ — a [G, band, nk/d²] block at a time.
-- Phase 2 (:func:`grid_attention`): the band's queries, cell-major, attend through fused SDPA
-  to the κ d² keys gathered for their cell. Keys and values are gathered one band at a time
-  (never m κ d² C elements at once), straight from the row-major inputs.
+  keys, softmax, relevance summed per cell, top-κ — a [G, band, nk/d²] block at a time. The
+  pooled queries are reordered cell-major and pre-scaled once, so a cell's relevance is a sum
+  over one contiguous axis and no pass over the scores applies the scale.
+- Phase 2 (:func:`grid_attention`): the band's queries, cell-major, attend to the κ d² keys
+  gathered for their cell. Keys and values are gathered one band at a time (never m κ d² C
+  elements at once), straight from the row-major inputs. Without autograd, every band reuses
+  one set of buffers (bmm, in-place softmax, bmm with ``out=``): fresh large tensors are
+  page-faulted in (zero-filled by the kernel) on every step, and on CPU this unfused path is
+  faster than fused SDPA for these small per-cell problems. With autograd, fused SDPA per band.
 
 Every (batch, head) selects its own keys; gradients reach q, k and v through phase 2.
 """
@@ -22,7 +27,7 @@ from attnbench.impls.gpa.common import Geometry, GPABase
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 
-PHASE1_BLOCK_ELEMS = 1 << 19  # low-res scores per phase-1 step (2 MiB in fp32)
+PHASE1_BLOCK_ELEMS = 1 << 21  # low-res scores per phase-1 step (8 MiB in fp32)
 PHASE2_BLOCK_BYTES = 1 << 22  # gathered keys + values per phase-2 step (4 MiB)
 
 
@@ -52,22 +57,6 @@ def top_keys(relevance: torch.Tensor, topk: int) -> torch.Tensor:
     return index[..., :topk].sort(dim=-1).values
 
 
-def cell_sums(attn: torch.Tensor) -> torch.Tensor:
-    """Sum each cell's s x s low-res query rows: (G, R, s, cols, s, nk') -> (G, R, cols, nk').
-
-    Written as s - 1 additions of contiguous slices per axis: a ``sum`` over the strided
-    axes (2, 4) is several times slower on CPU.
-    """
-    s = attn.shape[2]
-    rows = attn[:, :, 0]
-    for i in range(1, s):
-        rows = rows + attn[:, :, i]  # (G, R, cols, s, nk')
-    cells = rows[:, :, :, 0]
-    for i in range(1, s):
-        cells = cells + rows[:, :, :, i]
-    return cells
-
-
 @torch.no_grad()
 def select_keys(
     q: torch.Tensor,
@@ -95,32 +84,44 @@ def select_keys(
     g = b * h
     scale = c**-0.5 if scale is None else scale
     work = torch.promote_types(q.dtype, torch.float32)  # half inputs select in float32
-    q_low = pool(q, geom.q_hw, geom.d, work)  # (G, hq/d, wq/d, C)
-    k_low = pool(k, geom.kv_hw, geom.d, work).reshape(g, geom.nk_low, c)  # (G, nk', C)
+    s = geom.s
+    rows, cols = geom.cells_hw
+    nk = geom.nk_low
+    k_low = pool(k, geom.kv_hw, geom.d, work).reshape(g, nk, c)  # (G, nk', C)
     k_low_t = k_low.transpose(1, 2)
+    # Low-res queries cell-major, (G, rows, cols, s, s, C), and pre-scaled: each cell's s² rows
+    # are then adjacent (its relevance is a sum over one contiguous axis) and the scale costs
+    # one pass over n/d² C elements instead of one over the scores.
+    q_low = pool(q, geom.q_hw, geom.d, work).view(g, rows, s, cols, s, c)
+    q_cells = q_low.new_empty(g, rows, cols, s, s, c)
+    factor = scale if affinity == "dot" else 2 * scale
+    torch.mul(q_low.permute(0, 1, 3, 2, 4, 5), factor, out=q_cells)
+    q_cells = q_cells.view(g, -1, c)  # (G, rows cols s², C)
     if affinity == "euclid":
         # -scale |q - k|² = scale (2 q.k - |k|²) - scale |q|²; the last term is constant along
         # each softmax row and drops out.
         bias = -scale * (k_low * k_low).sum(-1)[:, None, :]  # (G, 1, nk')
 
-    s = geom.s
-    rows, cols = geom.cells_hw
-    band = max(1, PHASE1_BLOCK_ELEMS // (g * s * s * cols * geom.nk_low))  # cell rows per step
+    band = max(1, PHASE1_BLOCK_ELEMS // (g * cols * s * s * nk))  # cell rows per step
+    # One scores buffer for every band: fresh large tensors are page-faulted in on each step.
+    scores_buf = q_low.new_empty(g * min(band, rows) * cols * s * s * nk)
     keys = torch.empty(g, rows, cols, geom.topk, dtype=torch.long, device=q.device)
     kept = (
         torch.empty(g, rows, cols, geom.topk, dtype=work, device=q.device)
         if with_relevance
         else None
     )
+    per_row = cols * s * s  # low-res queries per cell row
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        q_band = q_low[:, r0 * s : r1 * s].reshape(g, -1, c)  # (G, band s wq/d, C)
+        q_band = q_cells[:, r0 * per_row : r1 * per_row]  # (G, band cols s², C)
+        scores = scores_buf[: g * q_band.shape[1] * nk].view(g, -1, nk)
         if affinity == "euclid":
-            scores = torch.baddbmm(bias, q_band, k_low_t, alpha=2 * scale)
+            torch.baddbmm(bias, q_band, k_low_t, out=scores)
         else:
-            scores = torch.bmm(q_band * scale, k_low_t)  # (G, band s wq/d, nk')
-        attn = scores.softmax(dim=-1)
-        relevance = cell_sums(attn.view(g, r1 - r0, s, cols, s, geom.nk_low))
+            torch.bmm(q_band, k_low_t, out=scores)
+        torch.softmax(scores, dim=-1, out=scores)  # in place
+        relevance = scores.view(g, r1 - r0, cols, s * s, nk).sum(3)  # (G, band, cols, nk')
         keys[:, r0:r1] = top_keys(relevance, geom.topk)
         if kept is not None:
             kept[:, r0:r1] = relevance.gather(-1, keys[:, r0:r1])
@@ -141,6 +142,12 @@ def block_segments(geom: Geometry, device: torch.device) -> torch.Tensor:
     kh, kw = geom.kv_low
     first = (torch.arange(kh, device=device) * d * kw)[:, None] + torch.arange(kw, device=device)
     return first.reshape(-1, 1) + (torch.arange(d, device=device) * kw).reshape(1, -1)
+
+
+def phase2_band_rows(geom: Geometry, g: int, c: int, cv: int, element_size: int) -> int:
+    """Cell rows per phase-2 step: gathered keys + values near ``PHASE2_BLOCK_BYTES``, >= 1."""
+    per_cell_bytes = geom.keys_per_cell * (c + cv) * element_size
+    return max(1, PHASE2_BLOCK_BYTES // (g * geom.cells_hw[1] * per_cell_bytes))
 
 
 def euclid_augment(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,60 +181,77 @@ def grid_attention(
     side = geom.cell_side
     rows, cols = geom.cells_hw
     n_keys = geom.keys_per_cell
+    scale = c**-0.5 if scale is None else scale
 
-    # Key segments (d tokens each, over all batches and heads) of every cell: (G, m, κ d).
+    # Everything is laid out cell-row-major, (rows, G, cols, ...), so that a band of cell rows
+    # is a leading slice: a prefix of each buffer, and one contiguous run of ``index``.
+    # Key segments (d tokens each, over all batches and heads) of every cell: (rows, G cols κ d).
     n_segments = k.shape[2] // d
-    segments = block_segments(geom, q.device)[keys].reshape(g, geom.m, geom.topk * d)
-    segments = segments + (torch.arange(g, device=q.device) * n_segments)[:, None, None]
+    segments = block_segments(geom, q.device)[keys].reshape(g, rows, cols, geom.topk * d)
+    segments = segments + (torch.arange(g, device=q.device) * n_segments)[:, None, None, None]
+    index = segments.transpose(0, 1).reshape(rows, -1)
     k_seg = k.reshape(g * n_segments, d * c)
     v_seg = v.reshape(g * n_segments, d * cv)
-    q_grid = q.reshape(g, rows, side, cols, side, c)  # cell (r, c) = q_grid[:, r, :, c, :]
+    # Cell (r, c) of (batch, head) i is q_rows[r, i, c], its side x side queries: (side, side, C).
+    q_rows = q.reshape(g, rows, side, cols, side, c).permute(1, 0, 3, 2, 4, 5)
+    band = phase2_band_rows(geom, g, c, cv, q.element_size())
 
-    per_cell_bytes = n_keys * (c + cv) * q.element_size()
-    band = max(1, PHASE2_BLOCK_BYTES // (g * cols * per_cell_bytes))  # cell rows per step
     track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not track:
-        # Without autograd, every band reuses the same buffers: fresh ones would be page-faulted
-        # in on every step.
-        max_cells = g * min(band, rows) * cols
-        k_buf = q.new_empty(max_cells * n_keys * c)
-        v_buf = q.new_empty(max_cells * n_keys * cv)
-        out = q.new_empty(g, rows, side, cols, side, cv)
-    pieces = []
+    if track:
+        pieces = []
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            cells = (r1 - r0) * g * cols
+            q_cells = q_rows[r0:r1].reshape(cells, 1, side * side, c)
+            k_cells = k_seg.index_select(0, index[r0:r1].reshape(-1)).view(cells, 1, n_keys, c)
+            v_cells = v_seg.index_select(0, index[r0:r1].reshape(-1)).view(cells, 1, n_keys, cv)
+            if affinity == "euclid":
+                q_cells, k_cells = euclid_augment(q_cells, k_cells)
+            o = F.scaled_dot_product_attention(q_cells, k_cells, v_cells, scale=scale)
+            pieces.append(o.view(r1 - r0, g, cols, side, side, cv))
+        out = torch.cat(pieces).permute(1, 0, 3, 2, 4, 5)  # (G, rows, side, cols, side, Cv)
+        return out.reshape(b, h, nq, cv)
+
+    if affinity == "euclid":
+        # scale (2 q.k - |k|²) as one baddbmm: q is pre-scaled by 2 scale, and the |k|² of the
+        # gathered keys come from one gather of per-segment norms.
+        k_norm_seg = (k * k).sum(-1).reshape(g * n_segments, d)
+    max_cells = min(band, rows) * g * cols
+    q_buf = q.new_empty(max_cells, side, side, c)
+    kv_buf = q.new_empty(max_cells * n_keys * max(c, cv))  # keys, then values over them
+    s_buf = q.new_empty(max_cells, side * side, n_keys)
+    o_buf = q.new_empty(max_cells, side * side, cv)
+    out = q.new_empty(g, rows, side, cols, side, cv)
+    out_rows = out.permute(1, 0, 3, 2, 4, 5)  # (rows, G, cols, side, side, Cv), like q_rows
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        cells = g * (r1 - r0) * cols
-        # (G, band, side, cols, side, C) -> cell-major (G band cols, 1, side², C)
-        q_cells = q_grid[:, r0:r1].permute(0, 1, 3, 2, 4, 5).reshape(cells, 1, side * side, c)
-        index = segments[:, r0 * cols : r1 * cols].reshape(-1)
-        if track:
-            k_cells = k_seg.index_select(0, index)
-            v_cells = v_seg.index_select(0, index)
-        else:
-            k_cells = torch.index_select(
-                k_seg, 0, index, out=k_buf[: index.numel() * d * c].view(-1, d * c)
-            )
-            v_cells = torch.index_select(
-                v_seg, 0, index, out=v_buf[: index.numel() * d * cv].view(-1, d * cv)
-            )
-        k_cells = k_cells.view(cells, 1, n_keys, c)
-        v_cells = v_cells.view(cells, 1, n_keys, cv)
+        cells = (r1 - r0) * g * cols
+        band_index = index[r0:r1].reshape(-1)
+        # The cell-major reorder of the queries and the softmax scale in one pass.
+        q_cells = q_buf[:cells].view(r1 - r0, g, cols, side, side, c)
+        torch.mul(q_rows[r0:r1], scale if affinity == "dot" else 2 * scale, out=q_cells)
+        q_cells = q_cells.view(cells, side * side, c)
+        k_cells = torch.index_select(
+            k_seg, 0, band_index, out=kv_buf[: cells * n_keys * c].view(-1, d * c)
+        ).view(cells, n_keys, c)
+        scores = s_buf[:cells]
         if affinity == "euclid":
-            q_cells, k_cells = euclid_augment(q_cells, k_cells)
-        o = F.scaled_dot_product_attention(q_cells, k_cells, v_cells, scale=scale)
-        o = o.view(g, r1 - r0, cols, side, side, cv).permute(0, 1, 3, 2, 4, 5)
-        if track:
-            pieces.append(o)
+            k_norm = k_norm_seg.index_select(0, band_index).view(cells, 1, n_keys)
+            torch.baddbmm(k_norm, q_cells, k_cells.transpose(1, 2), beta=-scale, out=scores)
         else:
-            out[:, r0:r1] = o
-    if track:
-        out = torch.cat(pieces, dim=1)
+            torch.bmm(q_cells, k_cells.transpose(1, 2), out=scores)
+        torch.softmax(scores, dim=-1, out=scores)  # in place
+        v_cells = torch.index_select(
+            v_seg, 0, band_index, out=kv_buf[: cells * n_keys * cv].view(-1, d * cv)
+        ).view(cells, n_keys, cv)
+        o = torch.bmm(scores, v_cells, out=o_buf[:cells])
+        out_rows[r0:r1] = o.view(r1 - r0, g, cols, side, side, cv)
     return out.reshape(b, h, nq, cv)
 
 
 @register("gpa.torch")
 class GPATorch(GPABase):
-    """Vectorised PyTorch GPA: banded phase 1 and phase 2 via gathered blocks and fused SDPA."""
+    """Vectorised PyTorch GPA: banded phase 1, and phase 2 over gathered blocks of keys."""
 
     def forward(self, q, k, v, spec):
         geom = self.geometry(spec)
@@ -237,16 +261,22 @@ class GPATorch(GPABase):
         return grid_attention(q, k, v, keys, geom, affinity, scale)
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
-        # Forward without gradient: the output, plus one band of gathered keys and values,
-        # its queries and output, and one band of phase-1 scores (the module constants).
+        # Forward without gradient: the output, one phase-2 band's buffers (queries, gathered
+        # keys then values, scores, outputs) and one band of phase-1 scores.
         # With gradient, autograd keeps every band's gathered keys, values and queries
         # (m κ d² (C + Cv) + n C elements), the cell-major output and the input gradients.
         geom = self.geometry(spec)
         es = spec.element_size
         bh = spec.batch * spec.heads
-        band = 2 * PHASE2_BLOCK_BYTES + 4 * PHASE1_BLOCK_ELEMS
+        c, cv = spec.channels, spec.v_channels
+        phase1 = 4 * PHASE1_BLOCK_ELEMS
         if not backward:
-            return spec.output_bytes + band
-        gathered = bh * geom.m * geom.keys_per_cell * (spec.channels + spec.v_channels) * es
-        queries = bh * spec.q_tokens * spec.channels * es
+            rows, cols = geom.cells_hw
+            cells = min(phase2_band_rows(geom, bh, c, cv, es), rows) * bh * cols
+            n_keys, queries = geom.keys_per_cell, geom.cell_side**2
+            per_cell = queries * (c + n_keys + cv) + n_keys * max(c, cv)
+            return spec.output_bytes + cells * per_cell * es + phase1
+        gathered = bh * geom.m * geom.keys_per_cell * (c + cv) * es
+        queries = bh * spec.q_tokens * c * es
+        band = 2 * PHASE2_BLOCK_BYTES + phase1
         return gathered + queries + 2 * spec.output_bytes + spec.input_bytes + band
