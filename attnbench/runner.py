@@ -231,6 +231,8 @@ def measure_case(
                         f"time_fwdbwd: IQR {t.iqr_ms / t.median_ms:.0%} of the median"
                     )
             if "memory" in case.metrics:
+                for t in (qg, kg, vg):  # the timing runs' gradients: freed before, not inside
+                    t.grad = None
                 row["mem_fwdbwd_bytes"] = peak_memory(fwdbwd, device)
         if "fidelity" in case.metrics:
             row.update(measure_fidelity(impl, inputs, spec, backward))

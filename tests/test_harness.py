@@ -263,3 +263,17 @@ def test_cli_run_prints_a_summary(tmp_path, capsys):
     assert "| implementation" in out and "| none" in out
     assert "1 new rows" in out
     assert json.loads((tmp_path / "small-cpu.jsonl").read_text())["label"] == "none"
+
+
+def test_fwdbwd_memory_counts_the_input_gradients(tmp_path):
+    # full.sdpa's backward makes gradients for q, k and v: 3 x 4 MiB at 128x128, C = 64. The
+    # timing runs before leave gradients behind; the memory reading must not net their release
+    # against the new ones.
+    path = write(
+        tmp_path,
+        "implementations: [{name: full.sdpa}]\nmaps: [128]\nchannels: [64]\n"
+        "metrics: [time, memory]\ntiming: {min_run_time: 0.01}\n",
+    )
+    _, (row,) = run(path, tmp_path / "out")
+    grads = 3 * 128 * 128 * 64 * 4
+    assert row["mem_fwdbwd_bytes"] >= 0.95 * grads, row["mem_fwdbwd_bytes"] / 2**20
