@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnbench import registry
-from attnbench.impls.gpa import select_keys
+from attnbench.impls.gpa import select_keys, vectorised
 from attnbench.registry import UnsupportedError
 from attnbench.spec import AttentionSpec
 
@@ -179,16 +179,23 @@ def test_select_keys_for_inspection():
     assert torch.all(relevance.amin(-1) >= dropped)
 
 
-def test_torch_backend_gradcheck():
+@pytest.mark.parametrize("one_row_bands", [False, True])
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+def test_torch_backend_gradcheck(affinity, one_row_bands, monkeypatch):
+    if one_row_bands:  # several phase-2 bands, each adding its share of the k, v gradients
+        monkeypatch.setattr(vectorised, "PHASE2_BLOCK_BYTES", 1)
     q, k, v = inputs(1, 2, (4, 4), (4, 6), 3, 2, seed=5, grad=True)
-    impl = registry.create("gpa.torch", downsample=2, cell=1, topk=3)
+    impl = registry.create("gpa.torch", downsample=2, cell=1, topk=3, affinity=affinity)
     assert torch.autograd.gradcheck(
         lambda q, k, v: impl(q, k, v, q_hw=(4, 4), kv_hw=(4, 6)), (q, k, v)
     )
 
 
+@pytest.mark.parametrize("one_row_bands", [False, True])
 @pytest.mark.parametrize("affinity", ["dot", "euclid"])
-def test_torch_backend_gradients_equal_reference(affinity):
+def test_torch_backend_gradients_equal_reference(affinity, one_row_bands, monkeypatch):
+    if one_row_bands:
+        monkeypatch.setattr(vectorised, "PHASE2_BLOCK_BYTES", 1)
     params = {"downsample": 2, "cell": 2, "topk": 4, "affinity": affinity}
     grads = []
     for name in ("gpa.reference", "gpa.torch"):

@@ -157,6 +157,171 @@ def euclid_augment(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torc
     return q_aug, k_aug
 
 
+class Phase2:
+    """Phase 2's layout and its bands, shared by the forward and the backward pass.
+
+    Everything is laid out cell-row-major, (rows, G, cols, ...), so that a band of cell rows is a
+    leading slice: a prefix of each buffer, and one contiguous run of ``index``. Scores are
+    ``q_s k^T`` (+ ``-scale |k|²`` for euclid) with the queries pre-scaled, q_s = ``factor`` q:
+    the scale is applied in the pass that reorders the queries, never over the scores.
+    """
+
+    def __init__(self, q, k, v, keys, geom: Geometry, affinity: str, scale: float):
+        b, h, nq, c = q.shape
+        self.shape = (b, h, nq)
+        self.g, self.d, self.c, self.cv = b * h, geom.d, c, v.shape[-1]
+        self.side = geom.cell_side
+        self.rows, self.cols = geom.cells_hw
+        self.n_keys = geom.keys_per_cell
+        self.affinity, self.scale = affinity, scale
+        self.factor = scale if affinity == "dot" else 2 * scale
+        g, d = self.g, self.d
+        # Key segments (d tokens each, over all batches and heads) of every cell, cell-row-major:
+        # (rows, G cols κ d).
+        self.n_segments = k.shape[2] // d
+        segments = block_segments(geom, q.device)[keys].reshape(g, self.rows, self.cols, -1)
+        segments = (
+            segments + (torch.arange(g, device=q.device) * self.n_segments)[:, None, None, None]
+        )
+        self.index = segments.transpose(0, 1).reshape(self.rows, -1)
+        self.band = phase2_band_rows(geom, g, c, self.cv, q.element_size())
+        self.max_cells = min(self.band, self.rows) * g * self.cols
+
+    def by_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, Nq, X] -> its cells as a view (rows, G, cols, side, side, X)."""
+        g, side = self.g, self.side
+        return x.reshape(g, self.rows, side, self.cols, side, -1).permute(1, 0, 3, 2, 4, 5)
+
+    def bands(self):
+        """(first row, end row, cells, segment index) of each band."""
+        for r0 in range(0, self.rows, self.band):
+            r1 = min(self.rows, r0 + self.band)
+            yield r0, r1, (r1 - r0) * self.g * self.cols, self.index[r0:r1].reshape(-1)
+
+    def gather(self, x_seg: torch.Tensor, index: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """The segments ``index`` of ``x_seg`` [S, d X] into ``buf``, as (cells, κ d², X)."""
+        x = torch.index_select(
+            x_seg, 0, index, out=buf[: index.numel() * x_seg.shape[1]].view(-1, x_seg.shape[1])
+        )
+        return x.view(-1, self.n_keys, x_seg.shape[1] // self.d)
+
+    def scores(self, q_cells, k_cells, k_norm_seg, index, out) -> torch.Tensor:
+        """q_s k^T, minus scale |k|² for euclid, into ``out`` (cells, side², κ d²)."""
+        if self.affinity == "euclid":
+            k_norm = k_norm_seg.index_select(0, index).view(-1, 1, self.n_keys)
+            return torch.baddbmm(
+                k_norm, q_cells, k_cells.transpose(1, 2), beta=-self.scale, out=out
+            )
+        return torch.bmm(q_cells, k_cells.transpose(1, 2), out=out)
+
+    def queries(self, q_rows, r0, r1, cells, buf) -> torch.Tensor:
+        """The band's queries, cell-major and pre-scaled, in ``buf``: (cells, side², C)."""
+        q_cells = buf[: cells * self.side**2 * self.c].view(
+            r1 - r0, self.g, self.cols, self.side, self.side, self.c
+        )
+        torch.mul(q_rows[r0:r1], self.factor, out=q_cells)
+        return q_cells.view(cells, self.side**2, self.c)
+
+
+def phase2_forward(
+    q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Phase 2 without autograd: the output, and with ``with_lse`` each query's log-sum-exp.
+
+    Every band reuses one set of buffers (bmm, in-place softmax, bmm with ``out=``): fresh large
+    tensors would be page-faulted in (zero-filled by the kernel) on every step.
+    """
+    p = Phase2(q, k, v, keys, geom, affinity, scale)
+    g, d, c, cv, side, n_keys = p.g, p.d, p.c, p.cv, p.side, p.n_keys
+    k_seg = k.reshape(g * p.n_segments, d * c)
+    v_seg = v.reshape(g * p.n_segments, d * cv)
+    k_norm_seg = (k * k).sum(-1).reshape(-1, d) if affinity == "euclid" else None
+    q_rows = p.by_rows(q)
+    q_buf = q.new_empty(p.max_cells * side * side * c)
+    kv_buf = q.new_empty(p.max_cells * n_keys * max(c, cv))  # keys, then values over them
+    s_buf = q.new_empty(p.max_cells, side * side, n_keys)
+    o_buf = q.new_empty(p.max_cells, side * side, cv)
+    out = q.new_empty(*p.shape, cv)
+    out_rows = p.by_rows(out)
+    lse = q.new_empty(p.rows, g * p.cols * side * side, 1) if with_lse else None
+    for r0, r1, cells, index in p.bands():
+        q_cells = p.queries(q_rows, r0, r1, cells, q_buf)
+        k_cells = p.gather(k_seg, index, kv_buf)
+        scores = p.scores(q_cells, k_cells, k_norm_seg, index, s_buf[:cells])
+        if with_lse:
+            top = scores.amax(dim=-1, keepdim=True)
+            scores.sub_(top).exp_()
+            total = scores.sum(dim=-1, keepdim=True)
+            scores.div_(total)
+            lse[r0:r1] = (top + total.log_()).view(r1 - r0, -1, 1)
+        else:
+            torch.softmax(scores, dim=-1, out=scores)  # in place
+        v_cells = p.gather(v_seg, index, kv_buf)
+        o = torch.bmm(scores, v_cells, out=o_buf[:cells])
+        out_rows[r0:r1] = o.view(r1 - r0, g, p.cols, side, side, cv)
+    return out, lse
+
+
+class GridAttention(torch.autograd.Function):
+    """Phase 2 with a backward pass that gathers keys and values again, band by band.
+
+    Saves only the inputs, the output, the selected keys and each query's log-sum-exp, so
+    forward+backward memory stays bounded like the forward (autograd through the bands would
+    keep every band's gathered copies). Backward, per band, with P = exp(S - lse) recomputed:
+    dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = factor dS K, dK = dS^T q_s (and, for
+    euclid, - 2 scale k colsum(dS) from the -scale |k|² term); dK and dV are added to their
+    segments with ``index_add_``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, keys, geom, affinity, scale):
+        out, lse = phase2_forward(q, k, v, keys, geom, affinity, scale, with_lse=True)
+        ctx.save_for_backward(q, k, v, keys, out, lse)
+        ctx.geom, ctx.affinity, ctx.scale = geom, affinity, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, keys, out, lse = ctx.saved_tensors
+        p = Phase2(q, k, v, keys, ctx.geom, ctx.affinity, ctx.scale)
+        g, d, c, cv, side, n_keys = p.g, p.d, p.c, p.cv, p.side, p.n_keys
+        k_seg = k.reshape(g * p.n_segments, d * c)
+        v_seg = v.reshape(g * p.n_segments, d * cv)
+        k_norm_seg = (k * k).sum(-1).reshape(-1, d) if p.affinity == "euclid" else None
+        q_rows, out_rows, grad_rows = p.by_rows(q), p.by_rows(out), p.by_rows(grad_out)
+        grad_q = torch.empty_like(q)
+        grad_q_rows = p.by_rows(grad_q)
+        grad_k_seg = torch.zeros_like(k_seg)
+        grad_v_seg = torch.zeros_like(v_seg)
+        q_buf = q.new_empty(p.max_cells * side * side * c)
+        k_buf = q.new_empty(p.max_cells * n_keys * c)
+        v_buf = q.new_empty(p.max_cells * n_keys * cv)
+        do_buf = q.new_empty(p.max_cells, side, side, cv)
+        for r0, r1, cells, index in p.bands():
+            q_cells = p.queries(q_rows, r0, r1, cells, q_buf)
+            k_cells = p.gather(k_seg, index, k_buf)
+            v_cells = p.gather(v_seg, index, v_buf)
+            probs = p.scores(q_cells, k_cells, k_norm_seg, index, None)
+            probs.sub_(lse[r0:r1].view(cells, side * side, 1)).exp_()
+            do_cells = do_buf[:cells].view(r1 - r0, g, p.cols, side, side, cv)
+            do_cells.copy_(grad_rows[r0:r1])
+            do_cells = do_cells.view(cells, side * side, cv)
+            delta = (do_cells * out_rows[r0:r1].reshape(cells, side * side, cv)).sum(-1)
+            grad_v_seg.index_add_(
+                0, index, torch.bmm(probs.transpose(1, 2), do_cells).view(-1, d * cv)
+            )
+            grad_s = torch.bmm(do_cells, v_cells.transpose(1, 2))
+            grad_s.sub_(delta.unsqueeze(-1)).mul_(probs)
+            grad_k = torch.bmm(grad_s.transpose(1, 2), q_cells)
+            if p.affinity == "euclid":
+                grad_k.sub_(k_cells * (2 * p.scale * grad_s.sum(1)).unsqueeze(-1))
+            grad_k_seg.index_add_(0, index, grad_k.view(-1, d * c))
+            grad_q_cells = torch.bmm(grad_s, k_cells).mul_(p.factor)
+            grad_q_rows[r0:r1] = grad_q_cells.view(r1 - r0, g, p.cols, side, side, c)
+        return grad_q, grad_k_seg.view_as(k), grad_v_seg.view_as(v), None, None, None, None
+
+
 def grid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,6 +333,8 @@ def grid_attention(
 ) -> torch.Tensor:
     """Phase 2: each cell's queries attend exactly to the d x d blocks of its kept keys.
 
+    Differentiable in q, k and v (:class:`GridAttention`); without autograd, the forward alone.
+
     Args:
         q: [B, H, Nq, C]; k: [B, H, Nk, C]; v: [B, H, Nk, Cv] (row-major maps).
         keys: [B, H, m, κ] low-res keys per cell, from :func:`select_keys`.
@@ -175,78 +342,11 @@ def grid_attention(
     Returns:
         [B, H, Nq, Cv].
     """
-    b, h, nq, c = q.shape
-    cv = v.shape[-1]
-    g, d = b * h, geom.d
-    side = geom.cell_side
-    rows, cols = geom.cells_hw
-    n_keys = geom.keys_per_cell
-    scale = c**-0.5 if scale is None else scale
-
-    # Everything is laid out cell-row-major, (rows, G, cols, ...), so that a band of cell rows
-    # is a leading slice: a prefix of each buffer, and one contiguous run of ``index``.
-    # Key segments (d tokens each, over all batches and heads) of every cell: (rows, G cols κ d).
-    n_segments = k.shape[2] // d
-    segments = block_segments(geom, q.device)[keys].reshape(g, rows, cols, geom.topk * d)
-    segments = segments + (torch.arange(g, device=q.device) * n_segments)[:, None, None, None]
-    index = segments.transpose(0, 1).reshape(rows, -1)
-    k_seg = k.reshape(g * n_segments, d * c)
-    v_seg = v.reshape(g * n_segments, d * cv)
-    # Cell (r, c) of (batch, head) i is q_rows[r, i, c], its side x side queries: (side, side, C).
-    q_rows = q.reshape(g, rows, side, cols, side, c).permute(1, 0, 3, 2, 4, 5)
-    band = phase2_band_rows(geom, g, c, cv, q.element_size())
-
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if track:
-        pieces = []
-        for r0 in range(0, rows, band):
-            r1 = min(rows, r0 + band)
-            cells = (r1 - r0) * g * cols
-            q_cells = q_rows[r0:r1].reshape(cells, 1, side * side, c)
-            k_cells = k_seg.index_select(0, index[r0:r1].reshape(-1)).view(cells, 1, n_keys, c)
-            v_cells = v_seg.index_select(0, index[r0:r1].reshape(-1)).view(cells, 1, n_keys, cv)
-            if affinity == "euclid":
-                q_cells, k_cells = euclid_augment(q_cells, k_cells)
-            o = F.scaled_dot_product_attention(q_cells, k_cells, v_cells, scale=scale)
-            pieces.append(o.view(r1 - r0, g, cols, side, side, cv))
-        out = torch.cat(pieces).permute(1, 0, 3, 2, 4, 5)  # (G, rows, side, cols, side, Cv)
-        return out.reshape(b, h, nq, cv)
-
-    if affinity == "euclid":
-        # scale (2 q.k - |k|²) as one baddbmm: q is pre-scaled by 2 scale, and the |k|² of the
-        # gathered keys come from one gather of per-segment norms.
-        k_norm_seg = (k * k).sum(-1).reshape(g * n_segments, d)
-    max_cells = min(band, rows) * g * cols
-    q_buf = q.new_empty(max_cells, side, side, c)
-    kv_buf = q.new_empty(max_cells * n_keys * max(c, cv))  # keys, then values over them
-    s_buf = q.new_empty(max_cells, side * side, n_keys)
-    o_buf = q.new_empty(max_cells, side * side, cv)
-    out = q.new_empty(g, rows, side, cols, side, cv)
-    out_rows = out.permute(1, 0, 3, 2, 4, 5)  # (rows, G, cols, side, side, Cv), like q_rows
-    for r0 in range(0, rows, band):
-        r1 = min(rows, r0 + band)
-        cells = (r1 - r0) * g * cols
-        band_index = index[r0:r1].reshape(-1)
-        # The cell-major reorder of the queries and the softmax scale in one pass.
-        q_cells = q_buf[:cells].view(r1 - r0, g, cols, side, side, c)
-        torch.mul(q_rows[r0:r1], scale if affinity == "dot" else 2 * scale, out=q_cells)
-        q_cells = q_cells.view(cells, side * side, c)
-        k_cells = torch.index_select(
-            k_seg, 0, band_index, out=kv_buf[: cells * n_keys * c].view(-1, d * c)
-        ).view(cells, n_keys, c)
-        scores = s_buf[:cells]
-        if affinity == "euclid":
-            k_norm = k_norm_seg.index_select(0, band_index).view(cells, 1, n_keys)
-            torch.baddbmm(k_norm, q_cells, k_cells.transpose(1, 2), beta=-scale, out=scores)
-        else:
-            torch.bmm(q_cells, k_cells.transpose(1, 2), out=scores)
-        torch.softmax(scores, dim=-1, out=scores)  # in place
-        v_cells = torch.index_select(
-            v_seg, 0, band_index, out=kv_buf[: cells * n_keys * cv].view(-1, d * cv)
-        ).view(cells, n_keys, cv)
-        o = torch.bmm(scores, v_cells, out=o_buf[:cells])
-        out_rows[r0:r1] = o.view(r1 - r0, g, cols, side, side, cv)
-    return out.reshape(b, h, nq, cv)
+        return GridAttention.apply(q, k, v, keys, geom, affinity, scale)
+    return phase2_forward(q, k, v, keys, geom, affinity, scale)[0]
 
 
 @register("gpa.torch")
@@ -261,22 +361,22 @@ class GPATorch(GPABase):
         return grid_attention(q, k, v, keys, geom, affinity, scale)
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
-        # Forward without gradient: the output, one phase-2 band's buffers (queries, gathered
-        # keys then values, scores, outputs) and one band of phase-1 scores.
-        # With gradient, autograd keeps every band's gathered keys, values and queries
-        # (m κ d² (C + Cv) + n C elements), the cell-major output and the input gradients.
+        # Forward: the output, one phase-2 band's buffers (queries, gathered keys then values,
+        # scores, outputs) and one band of phase-1 scores. Backward (GridAttention) adds what it
+        # saves (output, log-sum-exp), the output and input gradients, and one band's buffers
+        # and temporaries: queries, keys, values, output gradients, probabilities and their
+        # gradients, key, value and query gradients.
         geom = self.geometry(spec)
         es = spec.element_size
         bh = spec.batch * spec.heads
         c, cv = spec.channels, spec.v_channels
-        phase1 = 4 * PHASE1_BLOCK_ELEMS
+        rows, cols = geom.cells_hw
+        cells = min(phase2_band_rows(geom, bh, c, cv, es), rows) * bh * cols
+        n_keys, queries = geom.keys_per_cell, geom.cell_side**2
+        per_cell = queries * (c + n_keys + cv) + n_keys * max(c, cv)
+        forward = spec.output_bytes + cells * per_cell * es + 4 * PHASE1_BLOCK_ELEMS
         if not backward:
-            rows, cols = geom.cells_hw
-            cells = min(phase2_band_rows(geom, bh, c, cv, es), rows) * bh * cols
-            n_keys, queries = geom.keys_per_cell, geom.cell_side**2
-            per_cell = queries * (c + n_keys + cv) + n_keys * max(c, cv)
-            return spec.output_bytes + cells * per_cell * es + phase1
-        gathered = bh * geom.m * geom.keys_per_cell * (c + cv) * es
-        queries = bh * spec.q_tokens * c * es
-        band = 2 * PHASE2_BLOCK_BYTES + phase1
-        return gathered + queries + 2 * spec.output_bytes + spec.input_bytes + band
+            return forward
+        lse = bh * spec.q_tokens * es
+        per_cell = queries * (2 * c + 2 * cv + 2 * n_keys) + 2 * n_keys * (c + cv)
+        return forward + lse + 2 * spec.output_bytes + spec.input_bytes + cells * per_cell * es
