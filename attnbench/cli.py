@@ -142,7 +142,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         rows = load(args.results)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
     written = write_report(rows, args.out, plots=not args.no_plots)

@@ -17,14 +17,17 @@ from attnbench.report import load, write_report
 from attnbench.report.tables import (
     all_tables,
     copying_table,
+    kappa_training_table,
     machine_name,
     micro_table,
     not_run_table,
+    overtakes,
     scaling_table,
 )
 from attnbench.results import REQUIRED_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
+UNIT = re.compile(r"\((ms|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label ends in its unit
 FIXTURE = ROOT / "tests" / "fixtures" / "report"
 
 
@@ -183,7 +186,7 @@ def test_load_skips_incomplete_rows_with_a_warning(tmp_path):
     good = micro_row("none", 32, 1.0, 1)
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"impl": "x"}) + "\n")
-    with pytest.warns(UserWarning, match="skipped a row without"):
+    with pytest.warns(UserWarning, match="row 2 skipped: without the required keys"):
         rows = load([tmp_path])
     assert rows == [good]
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -212,7 +215,7 @@ def test_every_plot_has_a_title_axes_with_units_and_a_legend():
         assert title, name
         assert legend, name
         for xlabel, ylabel in labels:
-            assert "(" in xlabel and "(" in ylabel, (name, xlabel, ylabel)
+            assert UNIT.search(xlabel) and UNIT.search(ylabel), (name, xlabel, ylabel)
 
 
 def test_machines_get_separate_plots():
@@ -248,3 +251,62 @@ def test_report_page_links_every_plot_it_wrote(tmp_path):
     assert "plots/gpa-selected-keys-euclid.png" in linked
     for png in pngs:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overtakes_needs_every_larger_size_to_be_below():
+    maps = {n: f"m{n}" for n in (1, 2, 3, 4)}
+    base = {1: 10.0, 2: 10.0, 3: 10.0, 4: 10.0}
+    assert overtakes({1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0}, base, maps) == "<= 1 tokens (m1)"
+    assert overtakes({1: 5.0, 2: 50.0, 3: 5.0, 4: 5.0}, base, maps) == "3 tokens (m3)"
+    assert overtakes({1: 5.0, 2: 5.0, 3: 5.0, 4: 50.0}, base, maps) == "not up to 4 tokens"
+    assert overtakes({1: 5.0, 3: 50.0}, {1: 10.0, 2: 1.0}, maps) == "<= 1 tokens (m1)"
+    assert overtakes({5: 1.0}, base, maps) is None  # no size in common
+
+
+def test_machines_with_unknown_thread_counts_sort_and_stay_apart():
+    rows = [train_row("none", 0, 0.1, threads=None), train_row("none", 0, 0.2)]
+    table = copying_table(rows)
+    assert [s.records[0]["test_l1"] for s in table.sections] == [0.1, 0.2]
+    assert "threads unknown" in table.sections[0].heading
+
+
+def test_a_diverged_run_counts_in_its_methods_section():
+    rows = [train_row("none", s, 0.1) for s in (0, 1)]
+    rows.append(train_row("none", 2, None, status="diverged", steps=3, reason="loss became nan"))
+    (section,) = copying_table(rows).sections
+    assert section.records[0]["runs"] == "2/3"
+    assert "10 steps" in section.heading
+
+
+def test_kappa_of_an_implementation_not_installed_here_is_left_out():
+    rows = [train_row("gpa.elsewhere", s, 0.1, params={"cell": 2}) for s in (0, 1)]
+    rows += [train_row("gpa.torch", 0, 0.1, params={"topk": k}) for k in (4, 8)]
+    (section,) = kappa_training_table(rows).sections
+    assert [r["topk"] for r in section.records] == [4, 8]
+
+
+def test_micro_table_keeps_rows_measured_only_forward_and_backward():
+    row = micro_row("full.sdpa", 32, None, None, status="ok", reason=None, time_fwdbwd_ms=3.0)
+    (section,) = micro_table([row]).sections
+    assert section.records[0]["time_fwdbwd_ms"] == 3.0
+
+
+def test_load_reads_each_file_once_and_rejects_files_without_rows(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(micro_row("none", 32, 1.0, 1)) + "\n[1, 2]\n")
+    with pytest.warns(UserWarning, match="row 2 skipped: not a JSON object"):
+        rows = load([tmp_path, path])
+    assert len(rows) == 1
+    empty = tmp_path / "empty" / "e.jsonl"
+    empty.parent.mkdir()
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no result rows"):
+        load([empty])
+
+
+def test_plots_of_two_partitions_of_one_suite_get_two_files(tmp_path):
+    rows = [train_row("none", s, 0.1) for s in (0, 1)]
+    rows += [train_row("none", s, 0.2, preset="other") for s in (0, 1)]
+    written = write_report(rows, tmp_path)
+    names = sorted(p.name for p in written if p.name.startswith("t-memory-vs-l1"))
+    assert names == ["t-memory-vs-l1-2.png", "t-memory-vs-l1.png"]

@@ -3,7 +3,8 @@
 :func:`load` reads rows from any number of files or directories; :func:`write_report` writes
 
 - ``tables/<name>.md`` and ``tables/<name>.csv`` for every table of :mod:`.tables`,
-- ``plots/<name>.png`` for every plot of :mod:`.plots` and the pictures of :mod:`.pictures`,
+- ``plots/<name>.png`` for every plot of :mod:`.plots` and the pictures of :mod:`.pictures`
+  (PNGs of an earlier report in that folder that this one does not write are removed),
 - ``report.md``: every table and plot on one page.
 
 The same rows always give byte-identical tables and ``report.md`` (rows are sorted by content,
@@ -24,43 +25,87 @@ from attnbench.results import REQUIRED_KEYS, read_rows
 TITLE = "# attnbench results"
 
 
+KIND_KEYS = {
+    "micro": ("q_h", "q_w", "kv_h", "kv_w", "channels", "batch", "heads"),
+    "train": (),
+}
+
+
 def load(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """Rows of every ``*.jsonl`` file in ``paths`` (files or directories).
+    """Rows of every ``*.jsonl`` file in ``paths`` (files or directories), each file once.
 
     A row's ``grid_png`` (relative to its results file) is resolved into ``grid_png_path``.
-    A row without the required keys is skipped with a warning naming the file and the keys.
+    A line that is not a row — not an object, an unknown ``kind``, or without the keys its kind
+    needs — is skipped with a warning naming the file, the row and the keys. A row seen twice
+    (same machine, suite and case) is kept once: the newest.
 
     Raises:
         FileNotFoundError: a path that does not exist, or no results file at all.
+        ValueError: the files hold no rows.
     """
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"results path {str(p)!r} does not exist")
-        files += sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+        for file in sorted(p.glob("*.jsonl")) if p.is_dir() else [p]:
+            if file.resolve() not in [f.resolve() for f in files]:
+                files.append(file)
     if not files:
         raise FileNotFoundError(f"no *.jsonl results file in {', '.join(map(str, paths))}")
-    rows = []
+    newest: dict[tuple, dict] = {}
     for file in files:
-        for row in read_rows([file]):
-            missing = [k for k in REQUIRED_KEYS if k not in row]
-            if missing:
-                warnings.warn(f"{file}: skipped a row without {missing}", stacklevel=2)
+        for number, row in enumerate(read_rows([file]), 1):
+            problem = row_problem(row)
+            if problem:
+                warnings.warn(f"{file}: row {number} skipped: {problem}", stacklevel=2)
                 continue
             if row.get("grid_png"):
                 row["grid_png_path"] = str(file.parent / row["grid_png"])
-            rows.append(row)
-    return rows
+            key = (machine_of(row), row["suite"], row["case_id"], row["seed"])
+            if key in newest:
+                warnings.warn(
+                    f"{file}: row {number} repeats case {row['case_id']} of suite "
+                    f"{row['suite']!r}; keeping the newer",
+                    stacklevel=2,
+                )
+                if str(newest[key].get("timestamp")) > str(row.get("timestamp")):
+                    continue
+            newest[key] = row
+    if not newest:
+        raise ValueError(f"no result rows in {', '.join(map(str, files))}")
+    return list(newest.values())
 
 
-def pictures(rows: list[dict]) -> list[tuple[str, object]]:
-    """Figures drawn from images rather than numbers: copying outputs, GPA's selected keys."""
+def row_problem(row) -> str | None:
+    """Why ``row`` cannot be reported, or None."""
+    if not isinstance(row, dict):
+        return f"not a JSON object but {type(row).__name__}"
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        return f"without the required keys {missing}"
+    if row["kind"] not in KIND_KEYS:
+        return f"kind={row['kind']!r} (allowed: {', '.join(KIND_KEYS)})"
+    missing = [k for k in KIND_KEYS[row["kind"]] if row.get(k) is None]
+    if missing:
+        return f"a {row['kind']} row without {missing}"
+    return None
+
+
+def picture_figures(rows: list[dict]) -> list[tuple[str, object]]:
+    """Figures drawn from images rather than numbers: copying outputs, GPA's selected keys.
+
+    A grid PNG that is missing or unreadable is left out with a warning.
+    """
     from attnbench.report.pictures import copying_outputs_figure, selected_keys_figure
     from attnbench.report.plots import name_for, slug
     from attnbench.report.tables import partition, train_key, train_rows
 
     figures = []
-    train = [r for r in train_rows(rows) if r["status"] == "ok" and r.get("grid_png_path")]
+    train = [
+        r
+        for r in train_rows(rows)
+        if r["status"] == "ok" and r.get("task") == "copying" and r.get("grid_png_path")
+    ]
     machines = {machine_of(r) for r in train}
     for key, part in partition(train, train_key):
         first_seed: dict[str, dict] = {}
@@ -71,11 +116,15 @@ def pictures(rows: list[dict]) -> list[tuple[str, object]]:
             continue
         entries = [(label, Path(r["grid_png_path"])) for label, r in first_seed.items()]
         title = (
-            f"{key[1]}: held-out outputs per method (seed {min(r['seed'] for r in part)}, "
-            f"{part[0].get('preset')}, {part[0].get('steps')} steps)"
+            f"{key[1]}: held-out outputs per method (its lowest seed with a grid; "
+            f"{part[0].get('preset')}, batch {part[0].get('batch')})"
         )
-        name = name_for(f"{slug(key[1])}-outputs", key[0], machines)
-        figures.append((name, copying_outputs_figure(entries, title)))
+        try:
+            figure = copying_outputs_figure(entries, title)
+        except (ValueError, OSError) as err:
+            warnings.warn(f"copying outputs of suite {key[1]!r} left out: {err}", stacklevel=2)
+            continue
+        figures.append((name_for(f"{slug(key[1])}-outputs", key[0], machines), figure))
     if any(r["impl"].startswith("gpa.") for r in rows):
         # Both affinities: with "dot" the kept blocks scatter on this example, with "euclid"
         # (the authors' module) they gather around the true match — worth seeing side by side.
@@ -84,6 +133,17 @@ def pictures(rows: list[dict]) -> list[tuple[str, object]]:
                 (f"gpa-selected-keys-{affinity}", selected_keys_figure(affinity=affinity))
             )
     return figures
+
+
+def unique(names: list[str]) -> list[str]:
+    """``names`` with repeats numbered (``x``, ``x-2``, ...), in order: no plot overwrites
+    another."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
 
 
 def report_markdown(rows: list[dict], tables: list[Table], plot_names: list[str]) -> str:
@@ -128,12 +188,16 @@ def write_report(rows: list[dict], out: str | os.PathLike, plots: bool = True) -
     if plots:
         from attnbench.report.plots import all_plots
 
-        (out / "plots").mkdir(parents=True, exist_ok=True)
-        for name, figure in all_plots(rows) + pictures(rows):
-            path = out / "plots" / f"{name}.png"
+        plot_dir = out / "plots"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        figures = all_plots(rows) + picture_figures(rows)
+        plot_names = unique([name for name, _ in figures])
+        for name, (_, figure) in zip(plot_names, figures):
+            path = plot_dir / f"{name}.png"
             figure.savefig(path, dpi=110, metadata={"Software": None})
             written.append(path)
-            plot_names.append(name)
+        for stale in sorted(set(plot_dir.glob("*.png")) - set(written)):
+            stale.unlink()  # a plot of an earlier report whose rows are gone
     report = out / "report.md"
     report.write_text(report_markdown(rows, tables, plot_names), encoding="utf-8")
     written.append(report)

@@ -9,7 +9,6 @@ Rows of different machines never share a figure (:func:`attnbench.report.tables.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -19,15 +18,17 @@ from matplotlib.transforms import blended_transform_factory
 from attnbench.report.tables import (
     BASELINE,
     MIB,
+    by_method,
     kappa_groups,
     machine_name,
     machine_of,
     mean_std,
     method_label,
-    method_of,
     method_rank,
     micro_rows,
     partition,
+    series_heading,
+    series_key,
     sort_key,
     timed,
     tokens,
@@ -38,6 +39,7 @@ from attnbench.report.tables import (
 
 STYLE = "whitegrid"
 NOT_RUN_MARKER = "x"
+MARKERS = "osD^v<>pPX*hH8d"
 JITTER = 1.06  # horizontal factor between the not-run markers of neighbouring methods
 
 
@@ -61,10 +63,7 @@ def name_for(base: str, machine: tuple, machines: set) -> str:
 
 def ordered_methods(rows: list[dict]) -> list[tuple[tuple, list[dict]]]:
     """Rows by method, in report order."""
-    by_method: dict[tuple, list] = defaultdict(list)
-    for r in rows:
-        by_method[method_of(r)].append(r)
-    return sorted(by_method.items(), key=lambda kv: method_rank(kv[1][0]))
+    return sorted(by_method(rows).items(), key=lambda kv: method_rank(kv[1][0]))
 
 
 def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
@@ -96,7 +95,7 @@ def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
                     label=f"{runs[0]['label']} (n={len(runs)})",
                 )
             ax.set_xlabel("attention memory, peak of the attention blocks at batch 1 (MiB)")
-            ax.set_ylabel("held-out L1 (mean ± std over seeds; lower is better)")
+            ax.set_ylabel("held-out L1, mean ± std over seeds; lower is better (1)")
             first = part[0]
             ax.set_title(
                 f"{suite}: attention memory against held-out L1 "
@@ -104,19 +103,17 @@ def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
                 fontsize=10,
             )
             ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        figures.append((name_for(f"{suite}-memory-vs-l1", machine, machines), fig))
+        figures.append((name_for(f"{slug(suite)}-memory-vs-l1", machine, machines), fig))
     return figures
 
 
 def scaling(rows: list[dict]) -> list[tuple[str, Figure]]:
     """Forward time and memory against tokens, log-log; cases not run marked at the top."""
     figures = []
-    micro = [r for r in micro_rows(rows) if r.get("inputs") in (None, "gaussian")]
+    micro = micro_rows(rows)
     machines = {machine_of(r) for r in micro}
-    for (machine, suite, dtype, channels, batch, heads), part in partition(
-        micro,
-        lambda r: (machine_of(r), r["suite"], r["dtype"], r["channels"], r["batch"], r["heads"]),
-    ):
+    for curve, part in partition(micro, series_key):
+        machine, suite, dtype, channels, cv, batch, heads, inputs, self_attention = curve
         measured = [r for r in part if timed(r)]
         if len({tokens(r) for r in measured}) < 3:
             continue
@@ -156,23 +153,23 @@ def scaling(rows: list[dict]) -> list[tuple[str, Figure]]:
                         marked = True
                 ax.set_xscale("log")
                 ax.set_yscale("log")
-                ax.set_xlabel("tokens per map (query map height x width)")
+                ax.set_xlabel("query map height x width (tokens)")
                 ax.set_ylabel(ylabel)
                 if marked:
-                    ax.plot(
-                        [], [], NOT_RUN_MARKER, color="0.3", label="not run (oom / unsupported)"
-                    )
+                    ax.plot([], [], NOT_RUN_MARKER, color="0.3", label="not run (status not ok)")
             axes[0].set_title("forward time")
             axes[1].set_title("forward memory")
             axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            suite_text, _, machine_text = series_heading(curve).partition(" — ")
             fig.suptitle(
-                f"{suite}: time and memory against tokens (C = {channels}, B x H = "
-                f"{batch} x {heads}, {dtype})\n{machine_name(machine)}",
-                fontsize=11,
+                f"time and memory against tokens: {suite_text}\n{machine_text}", fontsize=11
             )
-        base = f"{suite}-time-memory-c{channels}" + (
-            f"-b{batch}h{heads}" if batch * heads > 1 else ""
-        )
+        extra = [f"cv{cv}"] if cv != channels else []
+        extra += [f"b{batch}h{heads}"] if batch * heads > 1 else []
+        extra += [slug(inputs)] if inputs not in (None, "gaussian") else []
+        extra += [] if self_attention else ["cross"]
+        extra += [] if dtype == "float32" else [slug(dtype)]
+        base = "-".join([slug(suite), "time-memory", f"c{channels}", *extra])
         figures.append((name_for(base, machine, machines), fig))
     return figures
 
@@ -197,25 +194,39 @@ def kappa(rows: list[dict]) -> list[tuple[str, Figure]]:
                     mean, std = mean_std([r.get("test_l1") for r in runs])
                     if mean is not None:
                         points.append((topk, mean, std or 0))
+                if not points:  # no held-out L1 in these runs
+                    continue
                 ks, means, stds = zip(*points)
                 label = f"{impl} ({rest})" if rest else impl
                 ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, color=colour, label=label)
             for colour, impl in zip(colours[len(groups) :], (BASELINE, "none")):
-                mean, _ = mean_std([r.get("test_l1") for r in part if r["impl"] == impl])
+                runs = [r for r in part if r["impl"] == impl and r["status"] == "ok"]
+                mean, _ = mean_std([r.get("test_l1") for r in runs])
                 if mean is not None:
                     ax.axhline(mean, ls="--", color=colour, label=f"{impl} (mean over seeds)")
             ax.set_xscale("log", base=2)
             all_ks = sorted({topk_of(r) for _, group in groups for r in group})
             ax.set_xticks(all_ks, labels=[str(k) for k in all_ks])
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("κ, key blocks kept per query cell (log scale)")
-            ax.set_ylabel("held-out L1 (mean ± std over seeds)")
+            ax.set_xlabel("κ, key blocks kept per query cell, log scale (count)")
+            ax.set_ylabel("held-out L1, mean ± std over seeds (1)")
             ax.set_title(
                 f"{suite}: GPA's κ ablation on held-out L1\n{machine_name(machine)}", fontsize=10
             )
             ax.legend(fontsize=8)
-        figures.append((name_for(f"{suite}-kappa", machine, machines), fig))
+        figures.append((name_for(f"{slug(suite)}-kappa", machine, machines), fig))
     return figures
+
+
+def memory_of(row: dict) -> tuple[int | None, str]:
+    """A fidelity row's memory and what it is: measured, or the runner's prediction, which
+    covers forward+backward when the case computed gradients."""
+    if row.get("mem_fwd_bytes") is not None:
+        return row["mem_fwd_bytes"], "measured forward"
+    backward = row.get("rel_err_grad") is not None
+    return row.get("mem_predicted_bytes"), (
+        "predicted forward+backward" if backward else "predicted forward"
+    )
 
 
 def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
@@ -225,26 +236,36 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
         r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None
     ]
     machines = {machine_of(r) for r in scored}
-    for (machine, suite, dtype, q_h, q_w, channels), part in partition(
-        scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r["q_h"], r["q_w"], r["channels"])
-    ):
-        predicted = any(r.get("mem_fwd_bytes") is None for r in part)
+
+    def key(r: dict) -> tuple:
+        maps = (r["q_h"], r["q_w"], r["kv_h"], r["kv_w"])
+        return series_key(r)[:-2] + maps  # every input family in one figure
+
+    for fig_key, part in partition(scored, key):
+        machine, suite, dtype, channels, cv, batch, heads, q_h, q_w, kv_h, kv_w = fig_key
         families = sorted({r.get("inputs") for r in part}, key=lambda x: sort_key((x,)))
-        labels = [rs[0]["label"] for _, rs in ordered_methods(part)]
+        labels = sorted(
+            {r["label"] for r in part},
+            key=lambda lb: min(method_rank(r) for r in part if r["label"] == lb),
+        )
         colours = dict(zip(labels, palette(len(labels))))
-        markers = dict(zip(labels, "osD^v<>pPX*hH8d" * 2))
+        markers = {lb: MARKERS[i % len(MARKERS)] for i, lb in enumerate(labels)}
+        kinds = sorted({memory_of(r)[1] for r in part})
+        hollow = kinds[1:]  # a second kind of memory value gets hollow markers
         with sns.axes_style(STYLE):
             fig = new_figure(5 * len(families) + 2.5, 4.8)
             axes = fig.subplots(1, len(families), squeeze=False)[0]
             for ax, family in zip(axes, families):
                 for r in sorted((r for r in part if r.get("inputs") == family), key=method_rank):
-                    memory = r.get("mem_fwd_bytes") or r.get("mem_predicted_bytes")
-                    if not memory or r["rel_err_out"] <= 0:
+                    memory, kind = memory_of(r)
+                    if memory is None or memory <= 0 or r["rel_err_out"] <= 0:
                         continue
+                    colour = colours[r["label"]]
                     ax.scatter(
                         memory / MIB,
                         r["rel_err_out"],
-                        color=colours[r["label"]],
+                        color="none" if kind in hollow else colour,
+                        edgecolors=colour,
                         marker=markers[r["label"]],
                         label=r["label"],
                         s=36,
@@ -252,8 +273,8 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
-                what = "predicted forward memory" if predicted else "forward peak memory"
-                ax.set_xlabel(f"{what} (MiB)")
+                what = kinds[0] + (f"; hollow: {', '.join(hollow)}" if hollow else "")
+                ax.set_xlabel(f"peak memory above the inputs, {what} (MiB)")
                 ax.set_ylabel("relative L2 error of the output (1)")
                 ax.set_title(f"{family} inputs")
             handles, names = [], []
@@ -265,13 +286,22 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
             axes[-1].legend(
                 handles, names, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5)
             )
+            where = f"{q_h}x{q_w} map" + (
+                "" if (kv_h, kv_w) == (q_h, q_w) else f", kv {kv_h}x{kv_w}"
+            )
+            shape = f"C = {channels}" + (f", Cv = {cv}" if cv != channels else "")
+            shape += f", B x H = {batch} x {heads}" if batch * heads > 1 else ""
             fig.suptitle(
-                f"{suite}: fidelity against memory ({q_h}x{q_w} map, C = {channels}, {dtype})"
+                f"{suite}: fidelity against memory ({where}, {shape}, {dtype})"
                 f"\n{machine_name(machine)}",
                 fontsize=11,
             )
-        base = f"{suite}-error-vs-memory-{q_h}x{q_w}-c{channels}"
-        figures.append((name_for(base, machine, machines), fig))
+        parts = [slug(suite), "error-vs-memory", f"{q_h}x{q_w}"]
+        parts += [] if (kv_h, kv_w) == (q_h, q_w) else [f"kv{kv_h}x{kv_w}"]
+        parts += [f"c{channels}"] + ([f"cv{cv}"] if cv != channels else [])
+        parts += [f"b{batch}h{heads}"] if batch * heads > 1 else []
+        parts += [] if dtype == "float32" else [slug(dtype)]
+        figures.append((name_for("-".join(parts), machine, machines), fig))
     return figures
 
 

@@ -91,11 +91,15 @@ class Table:
 
 
 def csv_value(value) -> str:
-    """A CSV cell: empty for null, ``repr``-exact floats, plain text otherwise."""
+    """A CSV cell: empty for null, floats to 12 significant digits, plain text otherwise.
+
+    12 digits keep every measured value and drop the last-bit differences that derived values
+    (means, fitted exponents) may have between platforms and Python versions.
+    """
     if value is None:
         return ""
     if isinstance(value, float):
-        return repr(value)
+        return repr(float(f"{value:.12g}"))
     return str(value)
 
 
@@ -139,7 +143,7 @@ def machine_of(row: dict) -> tuple:
 def machine_name(machine: tuple) -> str:
     """``Intel(R) Xeon(R) Processor (cpu), 2 threads, torch 2.14.1``."""
     device, name, threads, torch_version = machine
-    threads_text = "1 thread" if threads == 1 else f"{threads} threads"
+    threads_text = {1: "1 thread", None: "threads unknown"}.get(threads, f"{threads} threads")
     return f"{name} ({device}), {threads_text}, torch {torch_version}"
 
 
@@ -181,6 +185,14 @@ def method_label(impl: str, params: dict) -> str:
         return f"{impl}({params_text(params)})" if params else impl
 
 
+def by_method(rows: Iterable[dict]) -> dict[tuple, list[dict]]:
+    """Rows by method (implementation and parameters as given)."""
+    methods: dict[tuple, list] = defaultdict(list)
+    for row in rows:
+        methods[method_of(row)].append(row)
+    return methods
+
+
 def partition(rows: Iterable[dict], key: Callable[[dict], tuple]) -> list[tuple[tuple, list]]:
     """Rows split by ``key``, in sorted key order (None sorts first)."""
     parts: dict[tuple, list] = defaultdict(list)
@@ -190,8 +202,13 @@ def partition(rows: Iterable[dict], key: Callable[[dict], tuple]) -> list[tuple[
 
 
 def sort_key(values: tuple) -> tuple:
-    """A key that sorts tuples mixing None, numbers and strings."""
-    return tuple((v is not None, str(type(v).__name__), v if v is not None else 0) for v in values)
+    """A key that sorts tuples mixing None, numbers, strings and nested tuples."""
+    return tuple(
+        (True, "tuple", sort_key(v))
+        if isinstance(v, tuple)
+        else (v is not None, str(type(v).__name__), v if v is not None else 0)
+        for v in values
+    )
 
 
 def mean_std(values: list) -> tuple[float | None, float | None]:
@@ -245,10 +262,12 @@ def train_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("kind") == "train"]
 
 
-def timed(row: dict) -> bool:
-    return row["status"] == "ok" and (
-        row.get("time_fwd_ms") is not None or row.get("mem_fwd_bytes") is not None
-    )
+def timed(row: dict, keys=("time_fwd_ms", "mem_fwd_bytes")) -> bool:
+    """An ok row with any of ``keys`` measured."""
+    return row["status"] == "ok" and any(row.get(k) is not None for k in keys)
+
+
+TIMED_KEYS = ("time_fwd_ms", "mem_fwd_bytes", "time_fwdbwd_ms", "mem_fwdbwd_bytes")
 
 
 # --- micro ------------------------------------------------------------------------------------
@@ -257,7 +276,9 @@ MICRO_COLS = [
     Col("implementation", "label"),
     Col("map", "map"),
     Col("C", "channels", "d"),
+    Col("Cv", "v_channels", "d"),
     Col("B x H", "batch_heads"),
+    Col("inputs", "inputs"),
     Col("fwd ms", "time_fwd_ms", ".4g", std="time_fwd_iqr_ms", std_fmt=".2g"),
     Col("fwd+bwd ms", "time_fwdbwd_ms", ".4g", std="time_fwdbwd_iqr_ms", std_fmt=".2g"),
     Col("fwd MiB", "mem_fwd_mib", ".4g"),
@@ -272,7 +293,7 @@ MICRO_COLS = [
 def micro_table(rows: list[dict]) -> Table:
     """Time, memory and FLOP rate per case, with the speed-up over the exact baseline."""
     sections = []
-    ok = [r for r in micro_rows(rows) if timed(r)]
+    ok = [r for r in micro_rows(rows) if timed(r, TIMED_KEYS)]
     for (machine, suite, dtype), part in partition(
         ok, lambda r: (machine_of(r), r["suite"], r["dtype"])
     ):
@@ -286,7 +307,9 @@ def micro_table(rows: list[dict]) -> Table:
                     "label": r["label"],
                     "map": map_text(r),
                     "channels": r["channels"],
+                    "v_channels": other_than(r.get("v_channels"), r["channels"]),
                     "batch_heads": f"{r['batch']} x {r['heads']}",
+                    "inputs": other_than(r.get("inputs"), "gaussian"),
                     "time_fwd_ms": r.get("time_fwd_ms"),
                     "time_fwd_iqr_ms": r.get("time_fwd_iqr_ms"),
                     "time_fwdbwd_ms": r.get("time_fwdbwd_ms"),
@@ -317,6 +340,11 @@ def micro_table(rows: list[dict]) -> Table:
     )
 
 
+def other_than(value, usual):
+    """``value``, or None (a column left out) where it is the usual one."""
+    return None if value == usual else value
+
+
 def ratio(numerator, denominator) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
@@ -340,7 +368,6 @@ def fit_exponent(points: list[tuple[int, float]]) -> float | None:
     points = sorted((n, v) for n, v in points if v is not None and v > 0)[-SCALING_FIT_MAPS:]
     if len(points) < 2:
         return None
-    # Pure-Python least squares: the same bits on every machine (CSV cells are exact floats).
     x = [math.log(n) for n, _ in points]
     y = [math.log(v) for _, v in points]
     return statistics.linear_regression(x, y).slope
@@ -362,35 +389,52 @@ def overtakes(mine: dict[int, float], base: dict[int, float], maps: dict[int, st
     return f"{prefix}{n:,} tokens ({maps[n]})"
 
 
+def series_key(row: dict) -> tuple:
+    """What the points of one curve over map sizes share: all but the map itself."""
+    self_attention = (row["kv_h"], row["kv_w"]) == (row["q_h"], row["q_w"])
+    return (
+        machine_of(row),
+        row["suite"],
+        row["dtype"],
+        row["channels"],
+        row.get("v_channels", row["channels"]),
+        row["batch"],
+        row["heads"],
+        row.get("inputs"),
+        self_attention,
+    )
+
+
+def series_heading(key: tuple) -> str:
+    """``micro, C = 64, B x H = 1 x 1, gaussian inputs — <machine>, float32``."""
+    machine, suite, dtype, c, cv, batch, heads, inputs, self_attention = key
+    parts = [suite, f"C = {c}" + (f", Cv = {cv}" if cv != c else ""), f"B x H = {batch} x {heads}"]
+    parts += [f"{inputs} inputs"] if inputs else []
+    parts += [] if self_attention else ["cross-attention"]
+    return f"{', '.join(parts)} — {machine_name(machine)}, {dtype}"
+
+
 def scaling_table(rows: list[dict]) -> Table:
     """Fitted exponents of time and memory against tokens, and where each method overtakes."""
     sections = []
     ok = [r for r in micro_rows(rows) if timed(r)]
-    for (machine, suite, dtype, channels, batch, heads), part in partition(
-        ok,
-        lambda r: (machine_of(r), r["suite"], r["dtype"], r["channels"], r["batch"], r["heads"]),
-    ):
-        by_method: dict[tuple, list] = defaultdict(list)
-        for r in part:
-            if r.get("inputs") in (None, "gaussian"):
-                by_method[method_of(r)].append(r)
-        if not any(len({tokens(r) for r in rs}) >= 3 for rs in by_method.values()):
-            continue
+    for key, part in partition(ok, series_key):
+        methods = sorted(by_method(part).values(), key=lambda rs: method_rank(rs[0]))
 
-        def series(rs: list[dict], key: str) -> dict[int, float]:
-            return {tokens(r): r.get(key) for r in rs}
+        def series(rs: list[dict], name: str) -> dict[int, float]:
+            return {tokens(r): r[name] for r in rs if r.get(name) is not None}
 
-        base = next((rs for (impl, _), rs in by_method.items() if impl == BASELINE), [])
+        base = next((rs for rs in methods if rs[0]["impl"] == BASELINE), [])
         records = []
-        for (impl, _), rs in sorted(by_method.items(), key=lambda kv: method_rank(kv[1][0])):
-            sizes = sorted({tokens(r) for r in rs})
+        for rs in methods:
+            sizes = sorted(series(rs, "time_fwd_ms"))
             if len(sizes) < 3:
                 continue
             maps = {tokens(r): map_text(r) for r in rs}
-            is_base = impl == BASELINE
+            is_base = rs is base
             records.append(
                 {
-                    "method": method_label(impl, rs[0].get("params") or {}),
+                    "method": method_label(rs[0]["impl"], rs[0].get("params") or {}),
                     "maps": f"{len(sizes)}: {maps[sizes[0]]} to {maps[sizes[-1]]}",
                     "time_exponent": fit_exponent(list(series(rs, "time_fwd_ms").items())),
                     "memory_exponent": fit_exponent(list(series(rs, "mem_fwd_bytes").items())),
@@ -404,21 +448,13 @@ def scaling_table(rows: list[dict]) -> Table:
                     ),
                 }
             )
-        sections.append(
-            Section(
-                f"{suite}, C = {channels}, B x H = {batch} x {heads} — "
-                f"{machine_name(machine)}, {dtype}",
-                {
-                    "machine": machine_name(machine),
-                    "suite": suite,
-                    "dtype": dtype,
-                    "channels": channels,
-                    "batch": batch,
-                    "heads": heads,
-                },
-                records,
-            )
-        )
+        if not records:
+            continue
+        machine, suite, dtype, c, cv, batch, heads, inputs, self_attention = key
+        context = {"machine": machine_name(machine), "suite": suite, "dtype": dtype}
+        context |= {"channels": c, "v_channels": cv, "batch": batch, "heads": heads}
+        context |= {"inputs": inputs, "self_attention": self_attention}
+        sections.append(Section(series_heading(key), context, records))
     return Table(
         "scaling",
         "Scaling with the number of tokens",
@@ -438,6 +474,8 @@ FIDELITY_COLS = [
     Col("implementation", "label"),
     Col("map", "map"),
     Col("C", "channels", "d"),
+    Col("Cv", "v_channels", "d"),
+    Col("B x H", "batch_heads"),
     Col("relative error (output)", "rel_err_out", ".3g"),
     Col("relative error (input gradients)", "rel_err_grad", ".3g"),
     Col("copy PSNR dB", "copy_psnr", ".2f"),
@@ -459,6 +497,8 @@ def fidelity_table(rows: list[dict]) -> Table:
                 "label": r["label"],
                 "map": map_text(r),
                 "channels": r["channels"],
+                "v_channels": other_than(r.get("v_channels"), r["channels"]),
+                "batch_heads": other_than(f"{r['batch']} x {r['heads']}", "1 x 1"),
                 "rel_err_out": r.get("rel_err_out"),
                 "rel_err_grad": r.get("rel_err_grad"),
                 "copy_psnr": r.get("copy_psnr"),
@@ -524,13 +564,15 @@ def train_record(label: str, runs: list[dict]) -> dict:
 
 
 def train_heading(suite: str, part: list[dict], machine: tuple) -> tuple[str, dict]:
+    """Heading and CSV context of a training section; steps as the finished runs record them."""
     first = part[0]
+    steps = sorted({r["steps"] for r in part if r["status"] == "ok" and r.get("steps")})
     context = {
         "machine": machine_name(machine),
         "suite": suite,
         "task": first.get("task"),
         "preset": first.get("preset"),
-        "steps": first.get("steps"),
+        "steps": "/".join(map(str, steps)) or None,
         "batch": first.get("batch"),
     }
     heading = (
@@ -541,14 +583,9 @@ def train_heading(suite: str, part: list[dict], machine: tuple) -> tuple[str, di
 
 
 def train_key(row: dict) -> tuple:
-    return (
-        machine_of(row),
-        row["suite"],
-        row.get("task"),
-        row.get("preset"),
-        row.get("steps"),
-        row.get("batch"),
-    )
+    """What makes training runs comparable. Not ``steps``: a failed run records where it
+    stopped (or nothing), and must stay in its method's section."""
+    return (machine_of(row), row["suite"], row.get("task"), row.get("preset"), row.get("batch"))
 
 
 def reasons_of(runs: list[dict]) -> list[str]:
@@ -564,12 +601,9 @@ def copying_table(rows: list[dict]) -> Table:
     """Held-out metrics as mean ± std over seeds, attention memory and step time."""
     sections = []
     for key, part in partition(train_rows(rows), train_key):
-        by_method: dict[tuple, list] = defaultdict(list)
-        for r in part:
-            by_method[method_of(r)].append(r)
         records = [
             train_record(runs[0]["label"], runs)
-            for runs in sorted(by_method.values(), key=lambda runs: method_rank(runs[0]))
+            for runs in sorted(by_method(part).values(), key=lambda runs: method_rank(runs[0]))
         ]
         heading, context = train_heading(key[1], part, key[0])
         sections.append(Section(heading, context, records, notes=reasons_of(part)))
@@ -578,8 +612,8 @@ def copying_table(rows: list[dict]) -> Table:
         "Training: copying through attention",
         "Held-out metrics after training, mean ± sample standard deviation over seeds (runs "
         "that diverged or failed are counted in 'runs ok' and left out of the means); attention "
-        "memory is the peak of the attention blocks alone at batch 1; step time is the mean "
-        "training step.",
+        "memory is the peak of the attention blocks alone at batch 1; step time is the mean over "
+        "seeds of each run's median training step.",
         COPYING_COLS,
         sections,
     )
@@ -597,7 +631,7 @@ def topk_of(row: dict) -> int | None:
 
     try:
         return registry.get(row["impl"]).PARAMS["topk"].default
-    except (KeyError, AttributeError):
+    except (KeyError, AttributeError, ValueError):  # not installed here, or no κ parameter
         return None
 
 
