@@ -112,7 +112,8 @@ def cell(value, fmt: str) -> str:
     if isinstance(value, int) and not fmt:
         return f"{value:,}"
     if isinstance(value, (int, float)) and fmt:
-        return format(value, fmt)
+        text = format(value, fmt)
+        return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.00"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
