@@ -145,9 +145,15 @@ def block_segments(geom: Geometry, device: torch.device) -> torch.Tensor:
 
 
 def phase2_band_rows(geom: Geometry, g: int, c: int, cv: int, element_size: int) -> int:
-    """Cell rows per phase-2 step: gathered keys + values near ``PHASE2_BLOCK_BYTES``, >= 1."""
-    per_cell_bytes = geom.keys_per_cell * (c + cv) * element_size
-    return max(1, PHASE2_BLOCK_BYTES // (g * geom.cells_hw[1] * per_cell_bytes))
+    """Cell rows per phase-2 step, >= 1: a step's working set near ``PHASE2_BLOCK_BYTES``.
+
+    Per cell: its queries and outputs, its gathered keys and values, and two score-sized
+    tensors (scores and, in backward, their gradient) — with few channels and large blocks
+    (d = 8: 256 queries x 768 keys per cell) the scores dominate.
+    """
+    queries, n_keys = geom.cell_side**2, geom.keys_per_cell
+    per_cell = (queries + n_keys) * (c + cv) + 2 * queries * n_keys
+    return max(1, PHASE2_BLOCK_BYTES // (g * geom.cells_hw[1] * per_cell * element_size))
 
 
 def euclid_augment(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
