@@ -39,7 +39,7 @@ from attnbench.report.tables import (
 
 STYLE = "whitegrid"
 NOT_RUN_MARKER = "x"
-MARKERS = "osD^v<>pPX*hH8d"
+MARKERS = "osD^v<>pPX*hH8d1234"
 JITTER = 1.06  # horizontal factor between the not-run markers of neighbouring methods
 
 
@@ -53,7 +53,8 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def palette(n: int) -> list:
-    return sns.color_palette("tab10" if n <= 10 else "husl", n)
+    """``n`` distinguishable colours (husl beyond 20 wraps its first and last hues together)."""
+    return sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
 
 
 def name_for(base: str, machine: tuple, machines: set) -> str:
