@@ -39,7 +39,7 @@ from attnbench.report.tables import (
 
 STYLE = "whitegrid"
 NOT_RUN_MARKER = "x"
-MARKERS = "osD^v<>pPX*hH8d1234"
+MARKERS = "osD^v<>pPX*hH8d"  # filled; with tab20 colours no two methods look alike
 JITTER = 1.06  # horizontal factor between the not-run markers of neighbouring methods
 
 
