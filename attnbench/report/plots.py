@@ -27,6 +27,7 @@ from attnbench.report.tables import (
     method_rank,
     micro_rows,
     partition,
+    scored_rows,
     series_heading,
     series_key,
     sort_key,
@@ -233,9 +234,7 @@ def memory_of(row: dict) -> tuple[int | None, str]:
 def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
     """Relative error against memory per input family, one figure per suite and map."""
     figures = []
-    scored = [
-        r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None
-    ]
+    scored = scored_rows(rows)
     machines = {machine_of(r) for r in scored}
 
     def key(r: dict) -> tuple:

@@ -471,24 +471,30 @@ def scaling_table(rows: list[dict]) -> Table:
 
 # --- fidelity ---------------------------------------------------------------------------------
 
+ERROR_COLS = [
+    Col("relative error (output)", "rel_err_out", ".3g"),
+    Col("relative error (input gradients)", "rel_err_grad", ".3g"),
+    Col("copy PSNR dB", "copy_psnr", ".2f"),
+]
 FIDELITY_COLS = [
     Col("implementation", "label"),
     Col("map", "map"),
     Col("C", "channels", "d"),
     Col("Cv", "v_channels", "d"),
     Col("B x H", "batch_heads"),
-    Col("relative error (output)", "rel_err_out", ".3g"),
-    Col("relative error (input gradients)", "rel_err_grad", ".3g"),
-    Col("copy PSNR dB", "copy_psnr", ".2f"),
+    *ERROR_COLS,
 ]
+
+
+def scored_rows(rows: list[dict]) -> list[dict]:
+    """The ok micro rows with an error against exact attention."""
+    return [r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None]
 
 
 def fidelity_table(rows: list[dict]) -> Table:
     """Relative error against exact attention, and copy PSNR, per input family."""
     sections = []
-    scored = [
-        r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None
-    ]
+    scored = scored_rows(rows)
     for (machine, suite, dtype, inputs), part in partition(
         scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r.get("inputs"))
     ):
@@ -654,9 +660,7 @@ KAPPA_FIDELITY_COLS = [
     Col("κ", "topk", "d"),
     Col("implementation", "label"),
     Col("map", "map"),
-    Col("relative error (output)", "rel_err_out", ".3g"),
-    Col("relative error (input gradients)", "rel_err_grad", ".3g"),
-    Col("copy PSNR dB", "copy_psnr", ".2f"),
+    *ERROR_COLS,
 ]
 
 
@@ -685,9 +689,7 @@ def kappa_training_table(rows: list[dict]) -> Table:
 def kappa_fidelity_table(rows: list[dict]) -> Table:
     """Fidelity to exact attention against κ, per input family and map."""
     sections = []
-    scored = [
-        r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None
-    ]
+    scored = scored_rows(rows)
     for (machine, suite, dtype, inputs), part in partition(
         scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r.get("inputs"))
     ):
