@@ -165,6 +165,8 @@ class SelectedKeys:
         keys: (n_cells, κ) int, each cell's kept low-res keys (row i // (wk/d), col
             i % (wk/d)), ascending, as ``select_keys`` returns them.
         relevance: (n_cells, κ) float, the relevance of each kept key.
+        affinity: the similarity phase 1 used.
+        seed: the seed of the warp-copy inputs.
     """
 
     geometry: Geometry
@@ -174,6 +176,8 @@ class SelectedKeys:
     cells: list[tuple[int, int]]
     keys: np.ndarray
     relevance: np.ndarray
+    affinity: str
+    seed: int
 
     @property
     def cell_indices(self) -> list[int]:
@@ -290,6 +294,8 @@ def selected_keys_example(
         cells=cells,
         keys=keys[0, 0, index].numpy(),
         relevance=relevance[0, 0, index].numpy(),
+        affinity=affinity,
+        seed=seed,
     )
 
 
@@ -303,15 +309,7 @@ def outline(
     )
 
 
-def selected_keys_figure(
-    map_size: int = 64,
-    phase1_res: int = 16,
-    cell: int = 2,
-    topk: int = 12,
-    n_cells: int = 4,
-    seed: int = 0,
-    affinity: str = "dot",
-) -> Figure:
+def selected_keys_figure(**params) -> Figure:
     """The keys GPA's phase 1 keeps for a few query cells (the paper's Fig. 9).
 
     Left, the queries' image (the warped copy) with the chosen cells outlined; right, the
@@ -321,22 +319,16 @@ def selected_keys_figure(
     images are drawn faded so that the outlines stand out; colours repeat after ten cells.
 
     Args:
-        map_size: side of the square query and key maps, in pixels.
-        phase1_res: side of the low-resolution grid (d = map_size / phase1_res).
-        cell: s, the side of a query cell on the low-resolution grid.
-        topk: κ, the low-res keys kept per cell.
-        n_cells: how many query cells to show.
-        seed: seed of the warp-copy inputs.
-        affinity: GPA's similarity, "dot" (``gpa.torch``'s default) or "euclid".
+        params: the example's parameters (:func:`selected_keys_example`: map_size,
+            phase1_res, cell, topk, n_cells, seed, affinity, channels).
 
     Returns:
-        The figure; the data it draws is :func:`selected_keys_example` with the same
-        arguments.
+        The figure; the data it draws is ``selected_keys_example(**params)``.
 
     Raises:
         ValueError: as :func:`selected_keys_example`.
     """
-    example = selected_keys_example(map_size, phase1_res, cell, topk, n_cells, seed, affinity)
+    example = selected_keys_example(**params)
     geom = example.geometry
     d, side = geom.d, geom.cell_side
     colours = matplotlib.colormaps["tab10"].colors
@@ -392,7 +384,8 @@ def selected_keys_figure(
     )
     fig.suptitle(
         f"GPA phase 1: key blocks kept per query cell ({geom.q_hw[0]}x{geom.q_hw[1]} map, "
-        f"d={d}, s={geom.s}, κ={geom.topk}, {affinity} affinity, warp-copy seed {seed})",
+        f"d={d}, s={geom.s}, κ={geom.topk}, {example.affinity} affinity, "
+        f"warp-copy seed {example.seed})",
         fontsize=12,
     )
     return fig
