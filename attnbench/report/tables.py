@@ -273,12 +273,15 @@ TIMED_KEYS = ("time_fwd_ms", "mem_fwd_bytes", "time_fwdbwd_ms", "mem_fwdbwd_byte
 
 # --- micro ------------------------------------------------------------------------------------
 
-MICRO_COLS = [
+CASE_COLS = [  # what a micro row measured; Cv only where it differs from C
     Col("implementation", "label"),
     Col("map", "map"),
     Col("C", "channels", "d"),
     Col("Cv", "v_channels", "d"),
     Col("B x H", "batch_heads"),
+]
+MICRO_COLS = [
+    *CASE_COLS,
     Col("inputs", "inputs"),
     Col("fwd ms", "time_fwd_ms", ".4g", std="time_fwd_iqr_ms", std_fmt=".2g"),
     Col("fwd+bwd ms", "time_fwdbwd_ms", ".4g", std="time_fwdbwd_iqr_ms", std_fmt=".2g"),
@@ -305,11 +308,7 @@ def micro_table(rows: list[dict]) -> Table:
             fraction = r.get("peak_fraction")
             records.append(
                 {
-                    "label": r["label"],
-                    "map": map_text(r),
-                    "channels": r["channels"],
-                    "v_channels": other_than(r.get("v_channels"), r["channels"]),
-                    "batch_heads": f"{r['batch']} x {r['heads']}",
+                    **case_record(r),
                     "inputs": other_than(r.get("inputs"), "gaussian"),
                     "time_fwd_ms": r.get("time_fwd_ms"),
                     "time_fwd_iqr_ms": r.get("time_fwd_iqr_ms"),
@@ -339,6 +338,17 @@ def micro_table(rows: list[dict]) -> Table:
         MICRO_COLS,
         sections,
     )
+
+
+def case_record(row: dict) -> dict:
+    """The :data:`CASE_COLS` of a micro row."""
+    return {
+        "label": row["label"],
+        "map": map_text(row),
+        "channels": row["channels"],
+        "v_channels": other_than(row.get("v_channels"), row["channels"]),
+        "batch_heads": f"{row['batch']} x {row['heads']}",
+    }
 
 
 def other_than(value, usual):
@@ -476,14 +486,7 @@ ERROR_COLS = [
     Col("relative error (input gradients)", "rel_err_grad", ".3g"),
     Col("copy PSNR dB", "copy_psnr", ".2f"),
 ]
-FIDELITY_COLS = [
-    Col("implementation", "label"),
-    Col("map", "map"),
-    Col("C", "channels", "d"),
-    Col("Cv", "v_channels", "d"),
-    Col("B x H", "batch_heads"),
-    *ERROR_COLS,
-]
+FIDELITY_COLS = [*CASE_COLS, *ERROR_COLS]
 
 
 def scored_rows(rows: list[dict]) -> list[dict]:
@@ -501,11 +504,7 @@ def fidelity_table(rows: list[dict]) -> Table:
         part = sorted(part, key=lambda r: sort_key(shape_key(r)) + method_rank(r))
         records = [
             {
-                "label": r["label"],
-                "map": map_text(r),
-                "channels": r["channels"],
-                "v_channels": other_than(r.get("v_channels"), r["channels"]),
-                "batch_heads": other_than(f"{r['batch']} x {r['heads']}", "1 x 1"),
+                **case_record(r),
                 "rel_err_out": r.get("rel_err_out"),
                 "rel_err_grad": r.get("rel_err_grad"),
                 "copy_psnr": r.get("copy_psnr"),
