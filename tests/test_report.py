@@ -31,24 +31,33 @@ UNIT = re.compile(r"\((ms|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label en
 FIXTURE = ROOT / "tests" / "fixtures" / "report"
 
 
-def micro_row(impl: str, side: int, time_ms: float | None, mem: int | None, **extra) -> dict:
-    """A micro row with every required key; time and memory as given."""
+def base_row(kind: str, suite: str, case_id: str, impl: str, seed: int) -> dict:
+    """A row with every required key, measured on one test machine."""
     row = dict.fromkeys(REQUIRED_KEYS)
     row |= {
-        "suite": "s",
-        "kind": "micro",
-        "case_id": f"{impl}-{side}",
+        "suite": suite,
+        "kind": kind,
+        "case_id": case_id,
         "impl": impl,
         "params": {},
         "label": impl,
-        "status": "ok" if time_ms is not None else "unsupported",
-        "reason": None if time_ms is not None else "too big",
+        "status": "ok",
         "device": "cpu",
         "device_name": "Test CPU",
         "dtype": "float32",
         "threads": 2,
         "torch_version": "2.0",
-        "seed": 0,
+        "seed": seed,
+    }
+    return row
+
+
+def micro_row(impl: str, side: int, time_ms: float | None, mem: int | None, **extra) -> dict:
+    """A micro row of a square map; not run (unsupported) when ``time_ms`` is None."""
+    row = base_row("micro", "s", f"{impl}-{side}", impl, 0)
+    row |= {
+        "status": "ok" if time_ms is not None else "unsupported",
+        "reason": None if time_ms is not None else "too big",
         "batch": 1,
         "heads": 1,
         "q_h": side,
@@ -64,21 +73,9 @@ def micro_row(impl: str, side: int, time_ms: float | None, mem: int | None, **ex
 
 
 def train_row(impl: str, seed: int, l1: float, **extra) -> dict:
-    row = dict.fromkeys(REQUIRED_KEYS)
+    """A copying run of ``impl`` with held-out L1 ``l1``."""
+    row = base_row("train", "t", f"{impl}-{seed}", impl, seed)
     row |= {
-        "suite": "t",
-        "kind": "train",
-        "case_id": f"{impl}-{seed}",
-        "impl": impl,
-        "params": {},
-        "label": impl,
-        "status": "ok",
-        "device": "cpu",
-        "device_name": "Test CPU",
-        "dtype": "float32",
-        "threads": 2,
-        "torch_version": "2.0",
-        "seed": seed,
         "task": "copying",
         "preset": "cpu64",
         "steps": 10,
