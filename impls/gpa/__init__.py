@@ -1,12 +1,13 @@
 """Grid Partitioned Attention backends (Jetchev et al. 2021, arXiv 2107.03742)."""
 
-from attnbench.impls.gpa import flex, reference, vectorised
+from attnbench.impls.gpa import cpp, flex, reference, vectorised
 from attnbench.impls.gpa.common import Geometry, GPABase
 from attnbench.impls.gpa.vectorised import grid_attention, select_keys
 
 __all__ = [
     "GPABase",
     "Geometry",
+    "cpp",
     "flex",
     "grid_attention",
     "reference",

@@ -206,12 +206,16 @@ class GPABase(Attention):
         geom, _ = self._resolve(spec)
         return self.label if geom is None else self._label(f"d={geom.d}")
 
-    def timed_parts(self, q, k, v, spec):
+    def select_keys(self, q, k, geom: Geometry, scale: float):
+        """Phase 1 as this backend runs it (``gpa.torch``'s unless a backend has its own)."""
         from attnbench.impls.gpa.vectorised import select_keys
 
+        return select_keys(q, k, geom, self.params["affinity"], scale)
+
+    def timed_parts(self, q, k, v, spec):
         geom = self.geometry(spec)
         scale = self.scale_for(spec.channels)
-        return {"phase1": lambda: select_keys(q, k, geom, self.params["affinity"], scale)}
+        return {"phase1": lambda: self.select_keys(q, k, geom, scale)}
 
     def phase_flops(self, spec: AttentionSpec) -> tuple[int, int]:
         """Useful forward FLOPs of (phase 1, phase 2) over all batches and heads.

@@ -58,6 +58,34 @@ def top_keys(relevance: torch.Tensor, topk: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def low_res_inputs(
+    q: torch.Tensor, k: torch.Tensor, geom: Geometry, affinity: str, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Phase 1's operands: pooled queries, pooled keys and (euclid) the bias on every score.
+
+    Returns q_cells [G, m s², C]: the low-res queries cell-major (each cell's s² rows
+    adjacent, so its relevance is a sum over one contiguous axis) and pre-scaled (the scale
+    costs one pass over n/d² C elements instead of one over the scores); k_low [G, nk', C];
+    and for euclid, bias [G, 1, nk'] = -scale |k'|², else None. With these, the scores are
+    q_cells k_low^T + bias. Half inputs are pooled in float32.
+    """
+    b, h, _, c = q.shape
+    g = b * h
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = geom.s
+    rows, cols = geom.cells_hw
+    k_low = pool(k, geom.kv_hw, geom.d, work).reshape(g, geom.nk_low, c)
+    q_low = pool(q, geom.q_hw, geom.d, work).view(g, rows, s, cols, s, c)
+    q_cells = q_low.new_empty(g, rows, cols, s, s, c)
+    factor = scale if affinity == "dot" else 2 * scale
+    torch.mul(q_low.permute(0, 1, 3, 2, 4, 5), factor, out=q_cells)
+    # euclid: -scale |q - k|² = scale (2 q.k - |k|²) - scale |q|²; the last term is constant
+    # along each softmax row and drops out.
+    bias = -scale * (k_low * k_low).sum(-1)[:, None, :] if affinity == "euclid" else None
+    return q_cells.view(g, -1, c), k_low, bias
+
+
+@torch.no_grad()
 def select_keys(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,28 +111,15 @@ def select_keys(
     b, h, _, c = q.shape
     g = b * h
     scale = c**-0.5 if scale is None else scale
-    work = torch.promote_types(q.dtype, torch.float32)  # half inputs select in float32
     s = geom.s
     rows, cols = geom.cells_hw
     nk = geom.nk_low
-    k_low = pool(k, geom.kv_hw, geom.d, work).reshape(g, nk, c)  # (G, nk', C)
+    q_cells, k_low, bias = low_res_inputs(q, k, geom, affinity, scale)
     k_low_t = k_low.transpose(1, 2)
-    # Low-res queries cell-major, (G, rows, cols, s, s, C), and pre-scaled: each cell's s² rows
-    # are then adjacent (its relevance is a sum over one contiguous axis) and the scale costs
-    # one pass over n/d² C elements instead of one over the scores.
-    q_low = pool(q, geom.q_hw, geom.d, work).view(g, rows, s, cols, s, c)
-    q_cells = q_low.new_empty(g, rows, cols, s, s, c)
-    factor = scale if affinity == "dot" else 2 * scale
-    torch.mul(q_low.permute(0, 1, 3, 2, 4, 5), factor, out=q_cells)
-    q_cells = q_cells.view(g, -1, c)  # (G, rows cols s², C)
-    if affinity == "euclid":
-        # -scale |q - k|² = scale (2 q.k - |k|²) - scale |q|²; the last term is constant along
-        # each softmax row and drops out.
-        bias = -scale * (k_low * k_low).sum(-1)[:, None, :]  # (G, 1, nk')
-
+    work = q_cells.dtype
     band = max(1, PHASE1_BLOCK_ELEMS // (g * cols * s * s * nk))  # cell rows per step
     # One scores buffer for every band: fresh large tensors are page-faulted in on each step.
-    scores_buf = q_low.new_empty(g * min(band, rows) * cols * s * s * nk)
+    scores_buf = q_cells.new_empty(g * min(band, rows) * cols * s * s * nk)
     keys = torch.empty(g, rows, cols, geom.topk, dtype=torch.long, device=q.device)
     kept = (
         torch.empty(g, rows, cols, geom.topk, dtype=work, device=q.device)
@@ -116,7 +131,7 @@ def select_keys(
         r1 = min(rows, r0 + band)
         q_band = q_cells[:, r0 * per_row : r1 * per_row]  # (G, band cols s², C)
         scores = scores_buf[: g * q_band.shape[1] * nk].view(g, -1, nk)
-        if affinity == "euclid":
+        if bias is not None:
             torch.baddbmm(bias, q_band, k_low_t, out=scores)
         else:
             torch.bmm(q_band, k_low_t, out=scores)

@@ -1,0 +1,177 @@
+"""``gpa.cpp``: GPA with both phases as C++ loops fused per query cell (CPU).
+
+Jetchev et al. 2021 (arXiv 2107.03742); see :mod:`attnbench.impls.gpa.common`. The kernel
+(``gpa_cpu.cpp``) runs each phase as one parallel loop whose jobs work in the core's cache:
+
+- phase 1, per band of query cells: their low-res scores against every low-res key (one BLAS
+  call), then per cell softmax, relevance summed over its rows and top-κ in one pass over them;
+- phase 2, per query cell: gather its queries and kept key and value blocks, Q K^T (BLAS),
+  softmax, P V (BLAS), and write its output rows in place — no cell-major copies of queries,
+  keys, values or outputs are made, which is where ``gpa.torch`` spends a third of phase 2.
+
+Pooling and the cell-major reorder of the low-res queries are ``gpa.torch``'s
+(:func:`~attnbench.impls.gpa.vectorised.low_res_inputs`). Gradients: the kernel also returns
+each query's log-sum-exp, and the backward pass is ``gpa.torch``'s
+(:class:`~attnbench.impls.gpa.vectorised.GridAttention`).
+
+The kernel is compiled on first use by :func:`torch.utils.cpp_extension.load` (a C++ compiler
+and ninja; about a minute once, then loaded from torch's extension cache) with
+``-march=native``, and links the BLAS that PyTorch ships.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from attnbench.impls.gpa.common import Geometry, GPABase
+from attnbench.impls.gpa.vectorised import GridAttention, GPATorch, low_res_inputs
+from attnbench.registry import register
+from attnbench.spec import AttentionSpec
+
+SOURCE = Path(__file__).with_name("gpa_cpu.cpp")
+PHASE1_BAND_SCORES = 1 << 21  # low-res scores per phase-1 band, as in gpa_cpu.cpp
+
+
+def compiler() -> str | None:
+    """The C++ compiler ``torch.utils.cpp_extension`` would use, if there is one."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def ninja_dir() -> str | None:
+    """A directory holding the ``ninja`` executable: on PATH, else the ``ninja`` package's."""
+    found = shutil.which("ninja")
+    if found:
+        return os.path.dirname(found)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR
+
+
+@functools.cache
+def kernel():
+    """The compiled extension module (built on first use, then loaded from the cache)."""
+    from torch.utils.cpp_extension import load
+
+    bin_dir = ninja_dir()
+    if bin_dir and not shutil.which("ninja"):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    return load(
+        name="attnbench_gpa_cpu",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+@torch.no_grad()
+def select_keys(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    geom: Geometry,
+    affinity: str = "dot",
+    scale: float | None = None,
+    with_relevance: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1 in the kernel; arguments and result as :func:`vectorised.select_keys`."""
+    b, h, _, c = q.shape
+    scale = c**-0.5 if scale is None else scale
+    q_cells, k_low, bias = low_res_inputs(q, k, geom, affinity, scale)
+    keys, kept = kernel().select_keys(
+        q_cells.contiguous(),
+        k_low.contiguous(),
+        None if bias is None else bias.reshape(b * h, -1).contiguous(),
+        geom.s * geom.s,
+        geom.topk,
+        with_relevance,
+    )
+    keys = keys.reshape(b, h, geom.m, geom.topk)
+    if not with_relevance:
+        return keys
+    return keys, kept.reshape(b, h, geom.m, geom.topk)
+
+
+def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse: bool):
+    """Phase 2 in the kernel: the output [B, H, Nq, Cv] and the log-sum-exp (or empty)."""
+    b, h, nq, c = q.shape
+    out, lse = kernel().attend(
+        q.reshape(b * h, nq, c).contiguous(),
+        k.reshape(b * h, k.shape[2], c).contiguous(),
+        v.reshape(b * h, v.shape[2], v.shape[3]).contiguous(),
+        keys.reshape(b * h, geom.m, geom.topk).contiguous(),
+        geom.d,
+        geom.cell_side,
+        geom.q_hw[1],
+        geom.kv_hw[1],
+        affinity == "euclid",
+        scale,
+        with_lse,
+    )
+    return out.reshape(b, h, nq, v.shape[3]), lse
+
+
+class KernelGridAttention(GridAttention):
+    """Phase 2 with the kernel's forward and ``gpa.torch``'s re-gathering backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keys, geom, affinity, scale):
+        out, lse = attend(q, k, v, keys, geom, affinity, scale, with_lse=True)
+        ctx.save_for_backward(q, k, v, keys, out, lse)
+        ctx.geom, ctx.affinity, ctx.scale = geom, affinity, scale
+        return out
+
+
+@register("gpa.cpp")
+class GPACpp(GPABase):
+    """GPA with both phases in a C++ kernel fused per query cell (CPU)."""
+
+    DEVICES = ("cpu",)
+    DTYPES = (torch.float32, torch.float64)
+
+    @classmethod
+    def availability(cls, device: str) -> list[str]:
+        reasons = super().availability(device)
+        if compiler() is None:
+            reasons.append(
+                f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (set CXX)"
+            )
+        if ninja_dir() is None:
+            reasons.append("ninja is not installed (pip install ninja)")
+        return reasons
+
+    def forward(self, q, k, v, spec):
+        geom = self.geometry(spec)
+        scale = self.scale_for(spec.channels)
+        affinity = self.params["affinity"]
+        keys = self.select_keys(q, k, geom, scale)
+        track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if track:
+            return KernelGridAttention.apply(q, k, v, keys, geom, affinity, scale)
+        return attend(q, k, v, keys, geom, affinity, scale, with_lse=False)[0]
+
+    def select_keys(self, q, k, geom, scale):
+        return select_keys(q, k, geom, self.params["affinity"], scale)
+
+    def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
+        # Forward: the output, the pooled queries (and their cell-major copy) and keys, one
+        # band of phase-1 scores, and per thread a cell's queries, keys, values, scores and
+        # outputs. Backward: gpa.torch's (the same saved tensors and band buffers).
+        if backward:
+            return GPATorch(**self.params).memory_bytes(spec, backward=True)
+        geom = self.geometry(spec)
+        bh = spec.batch * spec.heads
+        c, cv = spec.channels, spec.v_channels
+        low_q = bh * (spec.q_tokens // geom.d**2) * c
+        low_k = bh * geom.nk_low * c
+        per_cell = geom.s**2 * geom.nk_low
+        band = min(geom.m, max(1, PHASE1_BAND_SCORES // per_cell)) * per_cell
+        queries, n_keys = geom.cell_side**2, geom.keys_per_cell
+        per_thread = queries * (c + cv + n_keys) + n_keys * (c + cv)
+        scratch = 3 * low_q + low_k + band + torch.get_num_threads() * per_thread
+        return spec.output_bytes + scratch * spec.element_size
