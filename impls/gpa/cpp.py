@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from attnbench.impls.gpa.common import Geometry, GPABase
-from attnbench.impls.gpa.vectorised import GridAttention, GPATorch, low_res_inputs
+from attnbench.impls.gpa.vectorised import GPATorch, GridAttention, low_res_inputs
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 

@@ -8,7 +8,7 @@
 //
 // - Phase 1 (select_keys): per band of query cells, one matmul gives their low-res scores
 //   against every low-res key; then a job per cell takes the softmax of its rows, sums them
-//   into each key's relevance and keeps the top-kappa keys with one pass over the relevance.
+//   into each key's relevance and keeps its top-kappa keys.
 // - Phase 2 (attend): a job is one query cell; it copies the cell's queries and the kept
 //   d x d blocks of keys and values, computes S = Q K^T, its softmax and O = P V, and writes
 //   O's rows straight into the row-major output. Nothing of size m kappa d^2 C is made.
@@ -20,12 +20,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
-#include <unistd.h>
 #endif
 
 extern "C" {
@@ -101,27 +101,57 @@ void exp_rows(T* s, int64_t rows, int64_t n, T* top, T* total) {
   }
 }
 
-// The `topk` largest of rel[0..n), ties to the lower index, as ascending indices into `out`
-// (and their values into `kept`, if given). One pass: a list of the best so far, ordered by
-// value (descending) then index; a later value enters only if strictly larger than the last.
+// The largest values of x[0..n), folded: x read as the rows of a [n / width, width] grid,
+// out[j] = the maximum of column j (width <= n).
 template <typename T>
-void top_keys(const T* rel, int64_t n, int64_t topk, int64_t* out, T* kept,
-              std::vector<std::pair<T, int64_t>>& best) {
-  best.clear();
-  for (int64_t j = 0; j < n; ++j) {
-    const T x = rel[j];
-    if (static_cast<int64_t>(best.size()) == topk) {
-      if (!(x > best.back().first)) continue;
-      best.pop_back();
-    }
-    auto at = best.end();
-    while (at != best.begin() && (at - 1)->first < x) --at;
-    best.insert(at, {x, j});
+void column_max(const T* x, int64_t n, int64_t width, T* out) {
+  std::copy(x, x + width, out);
+  for (int64_t r = width; r < n; r += width) {
+    const int64_t len = std::min(width, n - r);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) out[j] = x[r + j] > out[j] ? x[r + j] : out[j];
   }
-  std::sort(best.begin(), best.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+}
+
+// The `topk` largest of rel[0..n), ties to the lower index, as ascending indices into `out`
+// (and their values into `kept`, if given). Each column maximum of rel read as a grid is one
+// of its values, so the topk-th largest of any topk such maxima is a lower bound t of the
+// topk-th largest value: only values >= t in columns whose maximum reaches t are candidates.
+// t comes from 256 column maxima folded again into 16 (a vectorised pass and a sort of 16),
+// or where topk > 16 from the 256 themselves. `work` holds 512 entries.
+template <typename T>
+void top_keys(const T* rel, int64_t n, int64_t topk, int64_t* out, T* kept, std::vector<T>& work,
+              std::vector<std::pair<T, int64_t>>& candidates) {
+  const int64_t width = std::min<int64_t>(n, 256), width2 = std::min<int64_t>(width, 16);
+  T* maxima = work.data();
+  T* maxima2 = work.data() + width;
+  column_max(rel, n, width, maxima);
+  T threshold = std::numeric_limits<T>::lowest();
+  if (topk <= width2) {
+    column_max(maxima, width, width2, maxima2);
+    std::sort(maxima2, maxima2 + width2, std::greater<T>());
+    threshold = maxima2[topk - 1];
+  } else if (topk <= width) {
+    std::copy(maxima, maxima + width, maxima2);
+    std::nth_element(maxima2, maxima2 + topk - 1, maxima2 + width, std::greater<T>());
+    threshold = maxima2[topk - 1];
+  }
+  candidates.clear();
+  for (int64_t j = 0; j < width; ++j) {
+    if (!(maxima[j] >= threshold)) continue;
+    for (int64_t i = j; i < n; i += width) {
+      if (rel[i] >= threshold) candidates.emplace_back(rel[i], i);
+    }
+  }
+  auto first = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  std::partial_sort(candidates.begin(), candidates.begin() + topk, candidates.end(), first);
+  std::sort(candidates.begin(), candidates.begin() + topk,
+            [](const auto& a, const auto& b) { return a.second < b.second; });
   for (int64_t i = 0; i < topk; ++i) {
-    out[i] = best[i].second;
-    if (kept != nullptr) kept[i] = best[i].first;
+    out[i] = candidates[i].second;
+    if (kept != nullptr) kept[i] = candidates[i].first;
   }
 }
 
@@ -144,10 +174,10 @@ void advise_huge_pages(torch::Tensor& t) {
 
 // Phase 1. q_cells [G, m s2, C]: pooled queries, cell-major (a cell's s2 rows adjacent) and
 // pre-scaled; k_low [G, nk, C]; bias [G, nk] added to every score (euclid) or null; scores: a
-// buffer of band_cells s2 nk. Per band of cells, one multi-threaded matmul makes the band's
-// scores, then a parallel loop over its cells takes each row's softmax, sums the cell's rows
-// into the relevance of every key (the softmax's division folded into the sum) and keeps the
-// top kappa.
+// buffer of band_cells s2 nk. Per band of cells, one matmul on every thread makes the band's
+// scores (jobs of a few cells would each pack all the keys again: slower), then a parallel
+// loop over its cells takes each row's softmax, sums the cell's rows into the relevance of
+// every key (the softmax's division folded into the sum) and keeps the top kappa.
 template <typename T>
 void phase1(const T* q_cells, const T* k_low, const T* bias, int64_t* keys, T* kept,
             T* scores, int64_t groups, int64_t m, int64_t s2, int64_t nk, int64_t c,
@@ -158,30 +188,30 @@ void phase1(const T* q_cells, const T* k_low, const T* bias, int64_t* keys, T* k
       gemm_abt(cells * s2, nk, c, q_cells + (g * m + first) * s2 * c, k_low + g * nk * c,
                scores);
       at::parallel_for(0, cells, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> relevance(nk), top(s2), total(s2);
-        std::vector<std::pair<T, int64_t>> best;
-        best.reserve(topk + 1);
+        std::vector<T> relevance(nk), e(nk), work(512);
+        std::vector<T> zero_bias(bias == nullptr ? nk : 0, T(0));
+        const T* b = bias == nullptr ? zero_bias.data() : bias + g * nk;
+        std::vector<std::pair<T, int64_t>> candidates;
         for (int64_t cell = begin; cell < end; ++cell) {
-          T* x = scores + cell * s2 * nk;
-          if (bias != nullptr) {
-            const T* b = bias + g * nk;
-            for (int64_t i = 0; i < s2; ++i) {
-#pragma omp simd
-              for (int64_t j = 0; j < nk; ++j) x[i * nk + j] += b[j];
+          std::fill(relevance.begin(), relevance.end(), T(0));
+          for (int64_t i = 0; i < s2; ++i) {  // the band is only read; e is one row, in L1
+            const T* x = scores + (cell * s2 + i) * nk;
+            T high = x[0] + b[0];
+#pragma omp simd reduction(max : high)
+            for (int64_t j = 1; j < nk; ++j) high = x[j] + b[j] > high ? x[j] + b[j] : high;
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < nk; ++j) {
+              e[j] = exp_nonpositive(x[j] + b[j] - high);
+              sum += e[j];
             }
-          }
-          exp_rows(x, s2, nk, top.data(), total.data());
-          const T first_inv = T(1) / total[0];
+            const T inv = T(1) / sum;
 #pragma omp simd
-          for (int64_t j = 0; j < nk; ++j) relevance[j] = x[j] * first_inv;
-          for (int64_t i = 1; i < s2; ++i) {
-            const T inv = T(1) / total[i];
-#pragma omp simd
-            for (int64_t j = 0; j < nk; ++j) relevance[j] += x[i * nk + j] * inv;
+            for (int64_t j = 0; j < nk; ++j) relevance[j] += e[j] * inv;
           }
           const int64_t at = (g * m + first + cell) * topk;
-          top_keys(relevance.data(), nk, topk, keys + at,
-                   kept == nullptr ? nullptr : kept + at, best);
+          top_keys(relevance.data(), nk, topk, keys + at, kept == nullptr ? nullptr : kept + at,
+                   work, candidates);
         }
       });
     }
