@@ -7,8 +7,8 @@ q = k = v = [1, 1, size², C]; GPA at the DeepFashion pivot (phase 1 at 64 x 64,
 κ = 12); every implementation runs the same inputs in this process. Prints, per
 implementation: median forward time (and IQR), first call, speed-up over full.sdpa, useful
 GFLOP/s and its fraction of this machine's dense fp32 2048³ matmul rate, and peak memory above
-the inputs against the output's bytes. For gpa.torch, phase 1 (key selection) and phase 2
-(attention over the selected blocks) are also timed apart.
+the inputs against the output's bytes. For gpa.torch and gpa.cpp, phase 1 (key selection) and
+phase 2 (attention over the selected blocks) are also timed apart.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import json
 import torch
 
 from attnbench import __version__, measure, registry
-from attnbench.impls.gpa import grid_attention, select_keys
+from attnbench.impls.gpa import cpp, grid_attention, select_keys
 from attnbench.spec import AttentionSpec
 
-IMPLS = ["full.sdpa", "gpa.torch", "gpa.flex", "gpa.reference"]
+IMPLS = ["full.sdpa", "gpa.torch", "gpa.cpp", "gpa.flex", "gpa.reference"]
 
 
 def main() -> None:
@@ -74,12 +74,24 @@ def main() -> None:
 
         gpa = registry.create("gpa.torch")
         geom = gpa.geometry(spec)
+        scale = gpa.scale_for(c)
         keys = select_keys(q, k, geom)
+        phase_fns = {
+            "gpa.torch": (
+                lambda: select_keys(q, k, geom),
+                lambda: grid_attention(q, k, v, keys, geom),
+            )
+        }
+        if registry.get("gpa.cpp").is_available("cpu"):
+            phase_fns["gpa.cpp"] = (
+                lambda: cpp.select_keys(q, k, geom),
+                lambda: cpp.attend(q, k, v, keys, geom, "dot", scale, with_lse=False),
+            )
+        phase_times = {
+            name: [measure.time_call(fn, min_run_time=args.min_run_time) for fn in fns]
+            for name, fns in phase_fns.items()
+        }
         phase1, phase2 = gpa.phase_flops(spec)
-        t1 = measure.time_call(lambda: select_keys(q, k, geom), min_run_time=args.min_run_time)
-        t2 = measure.time_call(
-            lambda: grid_attention(q, k, v, keys, geom), min_run_time=args.min_run_time
-        )
 
     sdpa_ms = rows[0].get("time_ms")
     print(
@@ -96,18 +108,20 @@ def main() -> None:
             f"{r['speedup_vs_sdpa']:8.1f}x {r['gflops']:8.0f} {r['peak_fraction']:8.0%} "
             f"{r['mem_bytes'] / 2**20:8.1f} {r['mem_over_output']:6.2f}"
         )
-    phases = {
-        "phase1_ms": t1.median_ms,
-        "phase1_gflops": phase1 / t1.median_ms / 1e6,
-        "phase2_ms": t2.median_ms,
-        "phase2_gflops": phase2 / t2.median_ms / 1e6,
-    }
-    print(
-        f"\ngpa.torch phases: phase 1 {t1.median_ms:.1f} ms "
-        f"({phases['phase1_gflops']:.0f} GFLOP/s, "
-        f"{phase1 / 1e9:.2f} GFLOP), phase 2 {t2.median_ms:.1f} ms "
-        f"({phases['phase2_gflops']:.0f} GFLOP/s, {phase2 / 1e9:.2f} GFLOP)"
-    )
+    phases = {}
+    for name, (t1, t2) in phase_times.items():
+        phases[name] = {
+            "phase1_ms": t1.median_ms,
+            "phase1_gflops": phase1 / t1.median_ms / 1e6,
+            "phase2_ms": t2.median_ms,
+            "phase2_gflops": phase2 / t2.median_ms / 1e6,
+        }
+        print(
+            f"\n{name} phases: phase 1 {t1.median_ms:.1f} ms "
+            f"({phases[name]['phase1_gflops']:.0f} GFLOP/s, {phase1 / 1e9:.2f} GFLOP), "
+            f"phase 2 {t2.median_ms:.1f} ms "
+            f"({phases[name]['phase2_gflops']:.0f} GFLOP/s, {phase2 / 1e9:.2f} GFLOP)"
+        )
     if args.json:
         context = {
             "torch_version": torch.__version__,
@@ -119,7 +133,7 @@ def main() -> None:
             "channels": c,
         }
         with open(args.json, "w") as f:
-            json.dump({"context": context, "rows": rows, "gpa_torch_phases": phases}, f, indent=2)
+            json.dump({"context": context, "rows": rows, "phases": phases}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,25 @@ def test_cpp_backend_equals_reference(cfg):
     check_equals_reference("gpa.cpp", cfg)
 
 
+@needs_cpp
+@pytest.mark.parametrize("topk", [1, 3, 16, 17, 40, 256, 257, 290])
+@pytest.mark.parametrize("constant_keys", [False, True])
+def test_cpp_top_keys_beyond_one_row_of_maxima(topk, constant_keys):
+    # 300 low-res keys: the kernel's top-κ folds them into 256 column maxima (then 16), bounds
+    # the κ-th value by them (κ <= 16, κ <= 256) or takes every key (κ > 256). Constant keys
+    # tie everywhere: the lowest indices must win.
+    q, k, _ = inputs(2, 1, (4, 4), (20, 15), 3, 1, seed=8)
+    if constant_keys:
+        k = torch.ones_like(k)
+    geom = registry.create("gpa.cpp", downsample=1, cell=2, topk=topk).geometry(
+        AttentionSpec.from_inputs(q, k, k, (4, 4), (20, 15))
+    )
+    expected = select_keys(q, k, geom)
+    assert torch.equal(cpp.select_keys(q, k, geom), expected)
+    if constant_keys:
+        assert torch.equal(expected, torch.arange(topk).expand_as(expected))
+
+
 def low_res_relevance(q, k, hw, d, s, scale, affinity):
     """Phase 1 in fp64, computed independently: relevance [G, m, nk'] of every low-res key."""
     (h, w), g, c = hw, q.shape[0] * q.shape[1], q.shape[-1]
