@@ -13,6 +13,7 @@ from attnbench.spec import AttentionSpec
 IMPLS = {
     "full.sdpa": {},
     "gpa.torch": {"phase1_res": 16},
+    "gpa.cpp": {"phase1_res": 16},
     "nystrom.torch": {"landmarks": 64},
     "performer.torch": {"features": 64},
 }

@@ -1,4 +1,4 @@
-"""pytest-benchmark: GPA phase 1, GPA phase 2 and full.sdpa on fixed shapes.
+"""pytest-benchmark: GPA phase 1 and phase 2 (gpa.torch, gpa.cpp) and full.sdpa on fixed shapes.
 
 Measure with ``.venv/bin/python -m pytest tests/bench``; ``make test`` runs each once with
 ``--benchmark-disable`` so that the benchmarks stay runnable and their results stay checked.
@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from attnbench import registry
-from attnbench.impls.gpa import grid_attention, select_keys
+from attnbench.impls.gpa import cpp, grid_attention, select_keys
 from attnbench.spec import AttentionSpec
+
+CPP_REASONS = registry.get("gpa.cpp").availability("cpu")
+BACKENDS = [
+    "torch",
+    pytest.param("cpp", marks=pytest.mark.skipif(bool(CPP_REASONS), reason="; ".join(CPP_REASONS))),
+]
 
 SIDE, C = 128, 64  # a 128x128 map, phase 1 at 32x32 (d = 4), cells 2x2, κ = 12
 
@@ -23,19 +29,34 @@ def case():
     return gpa, gpa.geometry(spec), spec, q, k, v
 
 
+def phases(backend, geom):
+    """(phase 1, phase 2) of ``backend`` as functions of (q, k) and (q, k, v, keys)."""
+    if backend == "torch":
+        return (
+            lambda q, k: select_keys(q, k, geom),
+            lambda q, k, v, keys: grid_attention(q, k, v, keys, geom),
+        )
+    return (
+        lambda q, k: cpp.select_keys(q, k, geom),
+        lambda q, k, v, keys: cpp.attend(q, k, v, keys, geom, "dot", C**-0.5, False)[0],
+    )
+
+
 @torch.no_grad()
-def test_gpa_phase1(benchmark, case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpa_phase1(benchmark, case, backend):
     gpa, geom, spec, q, k, v = case
-    keys = benchmark(select_keys, q, k, geom)
+    keys = benchmark(phases(backend, geom)[0], q, k)
     assert keys.shape == (1, 1, geom.m, 12)
-    assert torch.all(keys.diff(dim=-1) > 0) and keys.max() < geom.nk_low
+    assert torch.all(keys.diff(dim=-1) > 0) and keys.min() >= 0 and keys.max() < geom.nk_low
 
 
 @torch.no_grad()
-def test_gpa_phase2(benchmark, case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpa_phase2(benchmark, case, backend):
     gpa, geom, spec, q, k, v = case
     keys = select_keys(q, k, geom)
-    out = benchmark(grid_attention, q, k, v, keys, geom)
+    out = benchmark(phases(backend, geom)[1], q, k, v, keys)
     torch.testing.assert_close(out, gpa(q, k, v, q_hw=spec.q_hw, kv_hw=spec.kv_hw))
 
 
