@@ -132,8 +132,9 @@ def low_res_relevance(q, k, hw, d, s, scale, affinity):
 @pytest.mark.parametrize("affinity", ["dot", "euclid"])
 @pytest.mark.parametrize("spread", [1.0, 12.0])
 def test_cpp_float32_keeps_the_most_relevant_keys(affinity, spread):
-    # fp32 runs the kernel's own exp (a polynomial); spread 12 puts most scores below e^-87,
-    # where it clamps. Near-ties may go either way in fp32, so the kept keys are checked by
+    # fp32 runs the kernel's own exp (a polynomial); spread 12 puts full-resolution scores far
+    # apart (13% of euclid's low-res scores are below the row maximum - 87, where e^x is
+    # subnormal). Near-ties may go either way in fp32, so the kept keys are checked by
     # property: each is within rounding of the best key left out. Phase 2 is checked on the
     # kernel's keys against gpa.torch's phase 2 in fp64.
     b, h, hw, c, d, s, topk = 2, 2, (16, 24), 8, 2, 2, 5
@@ -233,7 +234,7 @@ def test_d1_s1_is_per_query_topk_attention(name):
     kth = scores.topk(topk, dim=-1).values[..., -1:]
     masked = scores.masked_fill(scores < kth, float("-inf"))
     expected = masked.softmax(-1) @ v.double()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["gpa.reference", *FAST_BACKENDS])
@@ -429,3 +430,61 @@ def test_cpp_without_a_compiler_is_unavailable(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     reasons = registry.get("gpa.cpp").availability("cpu")
     assert "no C++ compiler: 'no-such-compiler' is not on PATH (set CXX)" in reasons
+
+
+@needs_cpp
+def test_cpp_exp_keeps_subnormal_relevances_apart():
+    # Low-res scores 0, -200, -100, -95 (one query, one channel): e^-95 and e^-100 are
+    # subnormal floats, e^-200 is 0. Keeping 2 keys must take 0 and 3, as a float32 softmax
+    # orders them, not the lower index among keys rounded to one value.
+    q_cells = torch.ones(1, 1, 1)
+    k_low = torch.tensor([[[0.0], [-200.0], [-100.0], [-95.0]]])
+    keys, kept = cpp.kernel().select_keys(q_cells, k_low, None, 1, 2, True, cpp.PHASE1_BAND_SCORES)
+    assert keys.tolist() == [[[0, 3]]]
+    expected = torch.softmax(k_low[0, :, 0], 0)[[0, 3]]
+    torch.testing.assert_close(kept[0, 0], expected, rtol=1e-6, atol=0)
+
+
+@needs_cpp
+def test_cpp_phase1_bands(monkeypatch):
+    # One cell per phase-1 matmul: the keys are those of a single band.
+    q, k, _ = inputs(2, 1, (16, 12), (8, 12), 4, 1, seed=9)
+    geom = registry.create("gpa.cpp", downsample=2, cell=2, topk=5).geometry(
+        AttentionSpec.from_inputs(q, k, k, (16, 12), (8, 12))
+    )
+    whole = cpp.select_keys(q, k, geom)
+    monkeypatch.setattr(cpp, "PHASE1_BAND_SCORES", 1)
+    assert torch.equal(cpp.select_keys(q, k, geom), whole)
+    assert torch.equal(whole, select_keys(q, k, geom))
+
+
+@needs_cpp
+def test_cpp_nan_inputs_give_nan_outputs_not_a_crash():
+    # A NaN query makes its cell's relevances NaN: phase 1 must still return valid keys, and
+    # only that query's output is NaN. An infinite key poisons every cell's phase 1.
+    q, k, v = inputs(1, 1, (8, 8), (8, 8), 4, 3, dtype=torch.float32, seed=10)
+    impl = registry.create("gpa.cpp", downsample=2, cell=2, topk=3)
+    q[0, 0, 0, 0] = float("nan")
+    out = impl(q, k, v, q_hw=(8, 8), kv_hw=(8, 8))
+    assert torch.isnan(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 1:]).all()
+    q[0, 0, 0, 0] = 0.0
+    k[0, 0, 5, 1] = float("inf")
+    out = impl(q, k, v, q_hw=(8, 8), kv_hw=(8, 8))
+    assert out.shape == (1, 1, 64, 3)
+
+
+def test_cpp_build_failure_is_a_reason(monkeypatch):
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise OSError("no Python.h")
+
+    monkeypatch.setattr(cpp, "_build_error", None)
+    monkeypatch.setattr(cpp, "_load", failing_build)
+    for _ in range(2):
+        with pytest.raises((OSError, RuntimeError), match="no Python.h"):
+            cpp.kernel()
+    assert len(calls) == 1, "a failed build is not tried again"
+    reasons = registry.get("gpa.cpp").availability("cpu")
+    assert "the C++ kernel failed to build: no Python.h" in reasons

@@ -11,8 +11,8 @@ GPA (Jetchev, Yildirim, Bracher, Vollgraf 2021, arXiv 2107.03742):
 5. Phase 2: every full-resolution query of cell l (an (s d) x (s d) square) attends with exact
    softmax, under the same affinity, to those κ d² keys. Gradients reach q, k, v here.
 
-The backends (``gpa.reference``, ``gpa.torch``, ``gpa.flex``) share this class for their
-parameters, input checks, FLOP counts and labels; they differ only in how they compute.
+The backends (``gpa.reference``, ``gpa.torch``, ``gpa.cpp``, ``gpa.flex``) share this class for
+their parameters, input checks, FLOP counts and labels; they differ only in how they compute.
 """
 
 from __future__ import annotations

@@ -15,14 +15,16 @@ each query's log-sum-exp, and the backward pass is ``gpa.torch``'s
 (:class:`~attnbench.impls.gpa.vectorised.GridAttention`).
 
 The kernel is compiled on first use by :func:`torch.utils.cpp_extension.load` (a C++ compiler
-and ninja; about a minute once, then loaded from torch's extension cache) with
-``-march=native``, and links the BLAS that PyTorch ships.
+and ninja; about 25 s once, then loaded from torch's extension cache) with ``-march=native``
+under a name that carries a hash of the CPU's flags, and links the BLAS that PyTorch ships.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 
 SOURCE = Path(__file__).with_name("gpa_cpu.cpp")
-PHASE1_BAND_SCORES = 1 << 21  # low-res scores per phase-1 band, as in gpa_cpu.cpp
+PHASE1_BAND_SCORES = 1 << 21  # low-res scores per phase-1 matmul (8 MiB in float32)
 
 
 def compiler() -> str | None:
@@ -54,20 +56,62 @@ def ninja_dir() -> str | None:
     return ninja.BIN_DIR
 
 
+def cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags.
+
+    It names the ``-march=native`` build, so that an extension cache shared between machines
+    never hands one CPU's build to another.
+    """
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), flags)
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+_build_error: Exception | None = None
+
+
+def build_error() -> str | None:
+    """Why the kernel failed to build in this process, if it did."""
+    return None if _build_error is None else f"the C++ kernel failed to build: {_build_error}"
+
+
 @functools.cache
-def kernel():
-    """The compiled extension module (built on first use, then loaded from the cache)."""
+def _load():
     from torch.utils.cpp_extension import load
 
+    path = os.environ.get("PATH", "")
     bin_dir = ninja_dir()
     if bin_dir and not shutil.which("ninja"):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    return load(
-        name="attnbench_gpa_cpu",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-    )
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        return load(
+            name=f"attnbench_gpa_cpu_{cpu_tag()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    finally:
+        os.environ["PATH"] = path
+
+
+def kernel():
+    """The compiled extension module (built on first use, then loaded from torch's cache).
+
+    A failed build is not tried again in this process: the error is raised again, and
+    :meth:`GPACpp.availability` reports it.
+    """
+    global _build_error
+    if _build_error is not None:
+        raise RuntimeError(build_error()) from _build_error
+    try:
+        return _load()
+    except Exception as err:
+        _build_error = err
+        raise
 
 
 @torch.no_grad()
@@ -90,6 +134,7 @@ def select_keys(
         geom.s * geom.s,
         geom.topk,
         with_relevance,
+        PHASE1_BAND_SCORES,
     )
     keys = keys.reshape(b, h, geom.m, geom.topk)
     if not with_relevance:
@@ -143,6 +188,8 @@ class GPACpp(GPABase):
             )
         if ninja_dir() is None:
             reasons.append("ninja is not installed (pip install ninja)")
+        if build_error() is not None:
+            reasons.append(build_error())
         return reasons
 
     def forward(self, q, k, v, spec):

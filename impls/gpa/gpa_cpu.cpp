@@ -62,10 +62,11 @@ void gemm_ab(int m, int n, int k, const double* a, const double* b, double* c) {
 // e^x for x <= 0 (a softmax argument once the row maximum is subtracted), in branch-free
 // arithmetic the compiler vectorises: x = n ln2 + r with n rounded by the 1.5 * 2^23 trick
 // (Cody-Waite, ln2 split in two), Cephes' degree-7 polynomial for e^r (relative error ~1e-7,
-// float's own), 2^n written into the exponent bits. Below -87, e^x is below float's normal
-// range and is returned as e^-87 (~1.6e-38): nothing against a row sum >= 1.
+// float's own), then 2^n applied as 2^(n + 64), written into the exponent bits, times 2^-64:
+// exact for normal results, one rounding for subnormal ones (below e^-87.3), as std::exp.
+// Below -104, where e^x rounds to 0, x is clamped: the result is 0 or the least subnormal.
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = x < -104.0f ? -104.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -75,10 +76,10 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t bits = (static_cast<int32_t>(n) + 64 + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * scale * 5.42101086242752217e-20f;  // 2^-64
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
@@ -113,40 +114,55 @@ void column_max(const T* x, int64_t n, int64_t width, T* out) {
   }
 }
 
+// Orders values from the largest down, NaN first (as torch.topk ranks it), ties by index.
+template <typename T>
+bool ranks_before(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
+  const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+  if (a_nan != b_nan) return a_nan;
+  if (!a_nan && a.first != b.first) return a.first > b.first;
+  return a.second < b.second;
+}
+
 // The `topk` largest of rel[0..n), ties to the lower index, as ascending indices into `out`
 // (and their values into `kept`, if given). Each column maximum of rel read as a grid is one
 // of its values, so the topk-th largest of any topk such maxima is a lower bound t of the
 // topk-th largest value: only values >= t in columns whose maximum reaches t are candidates.
 // t comes from 256 column maxima folded again into 16 (a vectorised pass and a sort of 16),
-// or where topk > 16 from the 256 themselves. `work` holds 512 entries.
+// or where 16 < topk <= 256 from the 256 themselves; for a larger topk, or where NaN leaves
+// fewer than topk candidates, every value is one. `work` holds 512 entries.
 template <typename T>
 void top_keys(const T* rel, int64_t n, int64_t topk, int64_t* out, T* kept, std::vector<T>& work,
               std::vector<std::pair<T, int64_t>>& candidates) {
   const int64_t width = std::min<int64_t>(n, 256), width2 = std::min<int64_t>(width, 16);
   T* maxima = work.data();
   T* maxima2 = work.data() + width;
+  auto nan_first = [](T a, T b) { return std::isnan(a) ? !std::isnan(b) : a > b; };
   column_max(rel, n, width, maxima);
-  T threshold = std::numeric_limits<T>::lowest();
-  if (topk <= width2) {
-    column_max(maxima, width, width2, maxima2);
-    std::sort(maxima2, maxima2 + width2, std::greater<T>());
-    threshold = maxima2[topk - 1];
-  } else if (topk <= width) {
-    std::copy(maxima, maxima + width, maxima2);
-    std::nth_element(maxima2, maxima2 + topk - 1, maxima2 + width, std::greater<T>());
-    threshold = maxima2[topk - 1];
-  }
   candidates.clear();
-  for (int64_t j = 0; j < width; ++j) {
-    if (!(maxima[j] >= threshold)) continue;
-    for (int64_t i = j; i < n; i += width) {
-      if (rel[i] >= threshold) candidates.emplace_back(rel[i], i);
+  if (topk <= width) {
+    T threshold;
+    if (topk <= width2) {
+      column_max(maxima, width, width2, maxima2);
+      std::sort(maxima2, maxima2 + width2, nan_first);
+      threshold = maxima2[topk - 1];
+    } else {
+      std::copy(maxima, maxima + width, maxima2);
+      std::nth_element(maxima2, maxima2 + topk - 1, maxima2 + width, nan_first);
+      threshold = maxima2[topk - 1];
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      if (!(maxima[j] >= threshold)) continue;
+      for (int64_t i = j; i < n; i += width) {
+        if (rel[i] >= threshold) candidates.emplace_back(rel[i], i);
+      }
     }
   }
-  auto first = [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-  std::partial_sort(candidates.begin(), candidates.begin() + topk, candidates.end(), first);
+  if (static_cast<int64_t>(candidates.size()) < topk) {
+    candidates.clear();
+    for (int64_t i = 0; i < n; ++i) candidates.emplace_back(rel[i], i);
+  }
+  std::partial_sort(candidates.begin(), candidates.begin() + topk, candidates.end(),
+                    ranks_before<T>);
   std::sort(candidates.begin(), candidates.begin() + topk,
             [](const auto& a, const auto& b) { return a.second < b.second; });
   for (int64_t i = 0; i < topk; ++i) {
@@ -301,15 +317,15 @@ void check_inputs(const std::vector<torch::Tensor>& tensors) {
 }  // namespace
 
 // Phase 1: keys [G, m, kappa] (int64, ascending) and, if with_relevance, their relevances.
+// Bands of about band_scores scores (one cell at least).
 std::vector<torch::Tensor> select_keys(torch::Tensor q_cells, torch::Tensor k_low,
                                        torch::optional<torch::Tensor> bias, int64_t s2,
-                                       int64_t topk, bool with_relevance) {
+                                       int64_t topk, bool with_relevance, int64_t band_scores) {
   check_inputs({q_cells, k_low});
   if (bias) check_inputs({*bias});
   const int64_t groups = q_cells.size(0), c = q_cells.size(2), nk = k_low.size(1);
   const int64_t m = q_cells.size(1) / s2;
-  // Bands of about 2M scores (8 MiB in float): large enough for the matmul to run at full rate.
-  const int64_t band_cells = std::min(m, std::max<int64_t>(1, (int64_t(1) << 21) / (s2 * nk)));
+  const int64_t band_cells = std::min(m, std::max<int64_t>(1, band_scores / (s2 * nk)));
   auto scores = torch::empty({band_cells * s2 * nk}, q_cells.options());
   auto keys = torch::empty({groups, m, topk}, q_cells.options().dtype(torch::kLong));
   auto kept = torch::empty({with_relevance ? groups : 0, m, topk}, q_cells.options());
@@ -332,6 +348,10 @@ std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tenso
   const int64_t groups = q.size(0), nq = q.size(1), c = q.size(2);
   const int64_t nk = k.size(1), cv = v.size(2), topk = keys.size(2);
   const int64_t cell_cols = wq / side, cell_rows = nq / wq / side;
+  const int64_t nk_low = (nk / wk / d) * (wk / d);
+  TORCH_CHECK(keys.numel() == 0 || (keys.min().item<int64_t>() >= 0 &&
+                                    keys.max().item<int64_t>() < nk_low),
+              "gpa.cpp: keys must index the ", nk_low, " low-res keys");
   auto out = torch::empty({groups, nq, cv}, q.options());
   advise_huge_pages(out);
   auto lse = torch::empty({with_lse ? cell_rows : 0, groups * cell_cols * side * side, 1},
