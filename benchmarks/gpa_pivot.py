@@ -9,12 +9,20 @@ implementation: median forward time (and IQR), first call, speed-up over full.sd
 GFLOP/s and its fraction of this machine's dense fp32 2048³ matmul rate, and peak memory above
 the inputs against the output's bytes. For gpa.torch and gpa.cpp, phase 1 (key selection) and
 phase 2 (attention over the selected blocks) are also timed apart.
+
+This machine may be shared, and its speed then drifts within seconds. So the GPA backends are
+also timed in interleaved rounds — the 2048³ matmul, then each backend once, round after round —
+and each round's fraction of the matmul rate is taken against that round's matmul: the median
+of those fractions is steadier than a ratio of medians measured at different moments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,6 +31,19 @@ from attnbench.impls.gpa import cpp, grid_attention, select_keys
 from attnbench.spec import AttentionSpec
 
 IMPLS = ["full.sdpa", "gpa.torch", "gpa.cpp", "gpa.flex", "gpa.reference"]
+INTERLEAVED = ["gpa.torch", "gpa.cpp", "gpa.flex"]
+MATMUL_SIZE = 2048
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call of each function, calling them in turn, round after round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -30,6 +51,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="map side (default 256)")
     parser.add_argument("--channels", type=int, default=160, help="C = Cv (default 160)")
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds per timing")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -44,6 +66,7 @@ def main() -> None:
     print(f"inputs 3 x [1, 1, {n * n}, {c}] fp32; output {spec.output_bytes / 2**20:.1f} MiB\n")
 
     rows = []
+    calls = {}
     with torch.no_grad():
         for name in IMPLS:
             impl = registry.create(name)
@@ -53,6 +76,7 @@ def main() -> None:
                 rows.append({"impl": label, "status": "unsupported", "reason": "; ".join(reasons)})
                 continue
             fn = lambda impl=impl: impl(q, k, v, q_hw=hw, kv_hw=hw)  # noqa: E731
+            calls[name] = (label, impl.flops(spec), fn)
             run_time = 0.1 if name == "full.sdpa" else args.min_run_time
             t = measure.time_call(fn, min_run_time=run_time)
             mem = measure.peak_memory(fn)
@@ -93,6 +117,11 @@ def main() -> None:
         }
         phase1, phase2 = gpa.phase_flops(spec)
 
+        a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+        timed = {"matmul": lambda: a @ b}
+        timed.update({name: calls[name][2] for name in INTERLEAVED if name in calls})
+        times = interleaved_rounds(timed, args.rounds)
+
     sdpa_ms = rows[0].get("time_ms")
     print(
         f"{'implementation':28} {'median ms':>10} {'IQR':>6} {'first':>8} {'speed-up':>9} "
@@ -122,6 +151,30 @@ def main() -> None:
             f"phase 2 {t2.median_ms:.1f} ms "
             f"({phases[name]['phase2_gflops']:.0f} GFLOP/s, {phase2 / 1e9:.2f} GFLOP)"
         )
+    matmul_flops = 2 * MATMUL_SIZE**3
+    interleaved = {
+        "rounds": args.rounds,
+        "matmul_gflops_median": statistics.median(matmul_flops / t / 1e9 for t in times["matmul"]),
+    }
+    print(
+        f"\ninterleaved, {args.rounds} rounds (matmul, then each backend once): "
+        f"matmul {interleaved['matmul_gflops_median']:.0f} GFLOP/s"
+    )
+    for name in INTERLEAVED:
+        if name not in times:
+            continue
+        label, flops, _ = calls[name]
+        fractions = [
+            (flops / t) / (matmul_flops / t_mm) for t, t_mm in zip(times[name], times["matmul"])
+        ]
+        interleaved[label] = {
+            "median_ms": statistics.median(times[name]) * 1e3,
+            "peak_fraction_median": statistics.median(fractions),
+        }
+        print(
+            f"{label:28} median {interleaved[label]['median_ms']:6.1f} ms, "
+            f"{interleaved[label]['peak_fraction_median']:.0%} of the same round's matmul rate"
+        )
     if args.json:
         context = {
             "torch_version": torch.__version__,
@@ -133,7 +186,11 @@ def main() -> None:
             "channels": c,
         }
         with open(args.json, "w") as f:
-            json.dump({"context": context, "rows": rows, "phases": phases}, f, indent=2)
+            json.dump(
+                {"context": context, "rows": rows, "phases": phases, "interleaved": interleaved},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":
