@@ -205,20 +205,23 @@ void phase1(const T* q_cells, const T* k_low, const T* bias, int64_t* keys, T* k
                scores);
       at::parallel_for(0, cells, 1, [&](int64_t begin, int64_t end) {
         std::vector<T> relevance(nk), e(nk), work(512);
-        std::vector<T> zero_bias(bias == nullptr ? nk : 0, T(0));
-        const T* b = bias == nullptr ? zero_bias.data() : bias + g * nk;
+        const T* b = bias == nullptr ? nullptr : bias + g * nk;
         std::vector<std::pair<T, int64_t>> candidates;
         for (int64_t cell = begin; cell < end; ++cell) {
           std::fill(relevance.begin(), relevance.end(), T(0));
-          for (int64_t i = 0; i < s2; ++i) {  // the band is only read; e is one row, in L1
-            const T* x = scores + (cell * s2 + i) * nk;
-            T high = x[0] + b[0];
+          for (int64_t i = 0; i < s2; ++i) {  // e: one row, in L1
+            T* x = scores + (cell * s2 + i) * nk;
+            if (b != nullptr) {
+#pragma omp simd
+              for (int64_t j = 0; j < nk; ++j) x[j] += b[j];
+            }
+            T high = x[0];
 #pragma omp simd reduction(max : high)
-            for (int64_t j = 1; j < nk; ++j) high = x[j] + b[j] > high ? x[j] + b[j] : high;
+            for (int64_t j = 1; j < nk; ++j) high = x[j] > high ? x[j] : high;
             T sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < nk; ++j) {
-              e[j] = exp_nonpositive(x[j] + b[j] - high);
+              e[j] = exp_nonpositive(x[j] - high);
               sum += e[j];
             }
             const T inv = T(1) / sum;
@@ -288,20 +291,19 @@ void phase2(const T* q, const T* k, const T* v, const int64_t* keys, T* out, T* 
         }
       }
       exp_rows(sb.data(), queries, n_keys, top.data(), total.data());
-      for (int64_t i = 0; i < queries; ++i) {
-        T* x = sb.data() + i * n_keys;
-        const T inv = T(1) / total[i];
-#pragma omp simd
-        for (int64_t j = 0; j < n_keys; ++j) x[j] *= inv;
-      }
       if (lse != nullptr) {
         T* cell_lse = lse + ((row * groups + g) * cell_cols + col) * queries;
         for (int64_t i = 0; i < queries; ++i) cell_lse[i] = top[i] + std::log(total[i]);
       }
+      // O = e V with e unnormalised; each row is divided by its sum on its way to the output.
       gemm_ab(queries, cv, n_keys, sb.data(), vb.data(), ob.data());
-      for (int64_t a = 0; a < side; ++a) {
-        T* dst = out + (g * nq + (row * side + a) * wq + col * side) * cv;
-        std::memcpy(dst, ob.data() + a * side * cv, sizeof(T) * side * cv);
+      for (int64_t i = 0; i < queries; ++i) {
+        const int64_t a = i / side, b = i % side;
+        T* dst = out + (g * nq + (row * side + a) * wq + col * side + b) * cv;
+        const T* src = ob.data() + i * cv;
+        const T inv = T(1) / total[i];
+#pragma omp simd
+        for (int64_t j = 0; j < cv; ++j) dst[j] = src[j] * inv;
       }
     }
   });
