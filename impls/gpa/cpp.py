@@ -181,6 +181,12 @@ class GPACpp(GPABase):
 
     @classmethod
     def availability(cls, device: str) -> list[str]:
+        """Why it cannot run; with a compiler and ninja present, this builds the kernel.
+
+        The build happens once per machine (about 25 s; later processes load it from torch's
+        cache), so that a build that cannot succeed (no Python headers, no OpenMP, ...) is a
+        reason here instead of an error at the first call.
+        """
         reasons = super().availability(device)
         if compiler() is None:
             reasons.append(
@@ -188,6 +194,11 @@ class GPACpp(GPABase):
             )
         if ninja_dir() is None:
             reasons.append("ninja is not installed (pip install ninja)")
+        if not reasons and build_error() is None:
+            try:
+                kernel()
+            except Exception:  # recorded by kernel(); reported just below
+                pass
         if build_error() is not None:
             reasons.append(build_error())
         return reasons
