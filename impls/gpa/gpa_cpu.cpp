@@ -1,7 +1,7 @@
 // Grid Partitioned Attention on the CPU: both phases as fused C++ loops over query cells
 // (Jetchev et al. 2021, arXiv 2107.03742; the steps are in attnbench/impls/gpa/common.py).
 //
-// Each parallel job works on buffers small enough to stay in its core's L2 cache, and the
+// The parallel jobs are query cells, whose working sets stay in the core's L2 cache, and the
 // matmuls go to the BLAS PyTorch links (the Fortran sgemm_/dgemm_ that libtorch_cpu exports;
 // called inside a parallel region it runs single-threaded, one job per thread, and outside one
 // on every thread).
@@ -12,6 +12,9 @@
 // - Phase 2 (attend): a job is one query cell; it copies the cell's queries and the kept
 //   d x d blocks of keys and values, computes S = Q K^T, its softmax and O = P V, and writes
 //   O's rows straight into the row-major output. Nothing of size m kappa d^2 C is made.
+//
+// Sizes are checked by the caller (attnbench/impls/gpa/common.py, geometry); here only the
+// tensors' device, layout and the key indices.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
