@@ -10,20 +10,11 @@ from attnbench.impls.gpa import cpp, select_keys, vectorised
 from attnbench.registry import UnsupportedError
 from attnbench.spec import AttentionSpec
 
-
-def backend(name):
-    """``name`` as a test parameter, skipped with its reasons where it cannot run on the CPU."""
-    reasons = registry.get(name).availability("cpu")
-    return pytest.param(name, marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons)))
-
-
-CPP = backend("gpa.cpp")
+CPP_REASONS = registry.get("gpa.cpp").availability("cpu")  # builds the kernel where it can
+needs_cpp = pytest.mark.skipif(bool(CPP_REASONS), reason="; ".join(CPP_REASONS))
+CPP = pytest.param("gpa.cpp", marks=needs_cpp)
 FAST_BACKENDS = ["gpa.torch", "gpa.flex", CPP]
 GRAD_BACKENDS = ["gpa.torch", CPP]
-needs_cpp = pytest.mark.skipif(
-    bool(registry.get("gpa.cpp").availability("cpu")),
-    reason="; ".join(registry.get("gpa.cpp").availability("cpu")),
-)
 
 
 def inputs(b, h, q_hw, kv_hw, c, cv, dtype=torch.float64, seed=0, grad=False):
@@ -258,12 +249,7 @@ def test_select_keys_for_inspection():
     assert keys.shape == relevance.shape == (2, 3, geom.m, 4)
     assert torch.all(keys.diff(dim=-1) > 0), "kept keys are listed in ascending order"
     # Every kept key is at least as relevant as every key not kept.
-    q_low = torch.nn.functional.avg_pool2d(q.reshape(6, 16, 16, 8).permute(0, 3, 1, 2), 2)
-    k_low = torch.nn.functional.avg_pool2d(k.reshape(6, 16, 16, 8).permute(0, 3, 1, 2), 2)
-    attn = (8**-0.5 * q_low.flatten(2).transpose(1, 2) @ k_low.flatten(2)).softmax(
-        -1
-    )  # (6, 64, 64)
-    cells = attn.reshape(6, 4, 2, 4, 2, 64).sum(dim=(2, 4)).reshape(2, 3, 16, 64)
+    cells = low_res_relevance(q, k, (16, 16), 2, 2, 8**-0.5, "dot").reshape(2, 3, 16, 64)
     torch.testing.assert_close(cells.gather(-1, keys), relevance)
     dropped = cells.scatter(-1, keys, float("-inf")).amax(-1)
     assert torch.all(relevance.amin(-1) >= dropped)
