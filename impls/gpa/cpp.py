@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from attnbench.impls.gpa.common import Geometry, GPABase
-from attnbench.impls.gpa.vectorised import GPATorch, GridAttention, low_res_inputs
+from attnbench.impls.gpa.vectorised import GPATorch, grid_attention, low_res_inputs
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 
@@ -142,7 +142,7 @@ def select_keys(
     return keys, kept.reshape(b, h, geom.m, geom.topk)
 
 
-def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse: bool):
+def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse: bool = False):
     """Phase 2 in the kernel: the output [B, H, Nq, Cv] and the log-sum-exp (or empty)."""
     b, h, nq, c = q.shape
     out, lse = kernel().attend(
@@ -159,17 +159,6 @@ def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse:
         with_lse,
     )
     return out.reshape(b, h, nq, v.shape[3]), lse
-
-
-class KernelGridAttention(GridAttention):
-    """Phase 2 with the kernel's forward and ``gpa.torch``'s re-gathering backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, keys, geom, affinity, scale):
-        out, lse = attend(q, k, v, keys, geom, affinity, scale, with_lse=True)
-        ctx.save_for_backward(q, k, v, keys, out, lse)
-        ctx.geom, ctx.affinity, ctx.scale = geom, affinity, scale
-        return out
 
 
 @register("gpa.cpp")
@@ -208,10 +197,7 @@ class GPACpp(GPABase):
         scale = self.scale_for(spec.channels)
         affinity = self.params["affinity"]
         keys = self.select_keys(q, k, geom, scale)
-        track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if track:
-            return KernelGridAttention.apply(q, k, v, keys, geom, affinity, scale)
-        return attend(q, k, v, keys, geom, affinity, scale, with_lse=False)[0]
+        return grid_attention(q, k, v, keys, geom, affinity, scale, phase2=attend)
 
     def select_keys(self, q, k, geom, scale):
         return select_keys(q, k, geom, self.params["affinity"], scale)

@@ -291,12 +291,13 @@ class GridAttention(torch.autograd.Function):
     keep every band's gathered copies). Backward, per band, with P = exp(S - lse) recomputed:
     dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = factor dS K, dK = dS^T q_s (and, for
     euclid, - 2 scale k colsum(dS) from the -scale |k|² term); dK and dV are added to their
-    segments with ``index_add_``.
+    segments with ``index_add_``. The forward pass is ``phase2``: :func:`phase2_forward`, or
+    another with its signature and results (``gpa.cpp``'s kernel).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, keys, geom, affinity, scale):
-        out, lse = phase2_forward(q, k, v, keys, geom, affinity, scale, with_lse=True)
+    def forward(ctx, q, k, v, keys, geom, affinity, scale, phase2):
+        out, lse = phase2(q, k, v, keys, geom, affinity, scale, with_lse=True)
         ctx.save_for_backward(q, k, v, keys, out, lse)
         ctx.geom, ctx.affinity, ctx.scale = geom, affinity, scale
         return out
@@ -340,7 +341,7 @@ class GridAttention(torch.autograd.Function):
             grad_k_seg.index_add_(0, index, grad_k.view(-1, d * c))
             grad_q_cells = torch.bmm(grad_s, k_cells).mul_(p.factor)
             grad_q_rows[r0:r1] = grad_q_cells.view(r1 - r0, g, p.cols, side, side, c)
-        return grad_q, grad_k_seg.view_as(k), grad_v_seg.view_as(v), None, None, None, None
+        return grad_q, grad_k_seg.view_as(k), grad_v_seg.view_as(v), None, None, None, None, None
 
 
 def grid_attention(
@@ -351,6 +352,7 @@ def grid_attention(
     geom: Geometry,
     affinity: str = "dot",
     scale: float | None = None,
+    phase2=phase2_forward,
 ) -> torch.Tensor:
     """Phase 2: each cell's queries attend exactly to the d x d blocks of its kept keys.
 
@@ -359,6 +361,8 @@ def grid_attention(
     Args:
         q: [B, H, Nq, C]; k: [B, H, Nk, C]; v: [B, H, Nk, Cv] (row-major maps).
         keys: [B, H, m, κ] low-res keys per cell, from :func:`select_keys`.
+        phase2: the forward pass, (q, k, v, keys, geom, affinity, scale, with_lse) ->
+            (output, log-sum-exp or None); :func:`phase2_forward` by default.
 
     Returns:
         [B, H, Nq, Cv].
@@ -366,8 +370,8 @@ def grid_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if track:
-        return GridAttention.apply(q, k, v, keys, geom, affinity, scale)
-    return phase2_forward(q, k, v, keys, geom, affinity, scale)[0]
+        return GridAttention.apply(q, k, v, keys, geom, affinity, scale, phase2)
+    return phase2(q, k, v, keys, geom, affinity, scale, with_lse=False)[0]
 
 
 @register("gpa.torch")
