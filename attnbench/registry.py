@@ -20,6 +20,7 @@ cannot run them. Nothing falls back silently.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import functools
@@ -36,6 +37,7 @@ import torch
 from attnbench.spec import HW, AttentionSpec
 
 ENTRY_POINT_GROUP = "attnbench.impls"
+MAX_WEIGHT_ELEMENTS = 1 << 28  # entries of a dense attention matrix Attention.weights returns
 _NAME_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 _DTYPE_NAMES = {
     torch.float16: "float16",
@@ -240,6 +242,40 @@ class Attention:
     ) -> torch.Tensor:
         """Compute the output for validated inputs; ``spec`` describes them."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def weights(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_hw: HW | None = None,
+        kv_hw: HW | None = None,
+    ) -> torch.Tensor:
+        """The dense attention matrix [B, H, Nq, Nk] this implementation applies to v.
+
+        For every method that is linear in v, ``weights(q, k) @ v`` equals ``self(q, k, v)``;
+        rows of exact attention sum to 1. Meant for small inputs (inspection, the copy hit
+        rate of the training tasks): more than ``MAX_WEIGHT_ELEMENTS`` entries is a ValueError.
+        Computed without gradient.
+
+        Raises:
+            UnsupportedError: the inputs cannot run, or the method exposes no weights.
+            ValueError: malformed inputs, or a matrix larger than ``MAX_WEIGHT_ELEMENTS``.
+        """
+        spec = AttentionSpec.from_inputs(q, k, k, q_hw, kv_hw)
+        self.check(dataclasses.replace(spec, requires_grad=False))
+        elements = spec.batch * spec.heads * spec.q_tokens * spec.kv_tokens
+        if elements > MAX_WEIGHT_ELEMENTS:
+            raise ValueError(
+                f"{self.label}: weights of {spec.batch}x{spec.heads}x{spec.q_tokens}x"
+                f"{spec.kv_tokens} = {elements} entries (allowed: at most {MAX_WEIGHT_ELEMENTS};"
+                " pass fewer batch items or smaller maps)"
+            )
+        with torch.no_grad():
+            return self.dense_weights(q, k, spec)
+
+    def dense_weights(self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """The [B, H, Nq, Nk] attention matrix for validated inputs (see :meth:`weights`)."""
+        raise UnsupportedError(self.label, ["this implementation exposes no attention weights"])
 
     def timed_parts(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec

@@ -22,6 +22,12 @@ def softmax_scale(scale: float | None, channels: int) -> float:
     return channels**-0.5 if scale is None else scale
 
 
+def exact_weights(q: torch.Tensor, k: torch.Tensor, scale: float | None, channels: int):
+    """softmax(scale q k^T) [B, H, Nq, Nk]: exact attention's weights."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * softmax_scale(scale, channels)
+    return scores.softmax(dim=-1)
+
+
 @register("full.naive")
 class NaiveAttention(Attention):
     """softmax(scale q k^T) v with the score matrix materialised."""
@@ -33,6 +39,9 @@ class NaiveAttention(Attention):
         scale = softmax_scale(self.params["scale"], spec.channels)
         scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
         return torch.matmul(scores.softmax(dim=-1), v)  # (B, H, Nq, Cv)
+
+    def dense_weights(self, q, k, spec):
+        return exact_weights(q, k, self.params["scale"], spec.channels)
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
         # Forward: the scores and the probabilities, Nq x Nk each, plus the output. Backward
@@ -53,6 +62,9 @@ class SDPAttention(Attention):
 
     def forward(self, q, k, v, spec):
         return F.scaled_dot_product_attention(q, k, v, scale=self.params["scale"])
+
+    def dense_weights(self, q, k, spec):
+        return exact_weights(q, k, self.params["scale"], spec.channels)
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
         # The fused kernels keep the output and one fp32 log-sum-exp per query; backward adds

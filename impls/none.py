@@ -31,6 +31,9 @@ class NoAttention(Attention):
     def forward(self, q, k, v, spec):
         return _Zeros.apply(q, k, v)
 
+    def dense_weights(self, q, k, spec):
+        return q.new_zeros(spec.batch, spec.heads, spec.q_tokens, spec.kv_tokens)
+
     def flops(self, spec: AttentionSpec, backward: bool = False) -> int:
         return 0
 

@@ -237,6 +237,21 @@ class NystromAttention(Attention):
             )
         return out.to(spec.dtype)  # (B, H, Nq, Cv)
 
+    def dense_weights(self, q, k, spec):
+        # The implied matrix F A^+ B [B, H, Nq, Nk] (softmax(q k^T) when landmarks are tokens).
+        scale = softmax_scale(self.params["scale"], spec.channels)
+        dtype = compute_dtype(q.dtype)
+        q, k = q.to(dtype), k.to(dtype)
+        if self.covers_all_tokens(spec):
+            return (scale * torch.matmul(q, k.transpose(-2, -1))).softmax(dim=-1).to(spec.dtype)
+        q_land = self._landmarks(q, spec.q_hw) * scale  # (B, H, Lq, C)
+        k_land = self._landmarks(k, spec.kv_hw)  # (B, H, Lk, C)
+        kernel_f = torch.matmul(q * scale, k_land.transpose(-2, -1)).softmax(dim=-1)  # (., Nq, Lk)
+        kernel_a = torch.matmul(q_land, k_land.transpose(-2, -1)).softmax(dim=-1)  # (., Lq, Lk)
+        kernel_b = torch.matmul(q_land, k.transpose(-2, -1)).softmax(dim=-1)  # (., Lq, Nk)
+        z = iterative_pinv(kernel_a, self.params["pinv_iters"])  # (B, H, Lk, Lq)
+        return torch.matmul(torch.matmul(kernel_f, z), kernel_b).to(spec.dtype)
+
     def unsupported_reasons(self, spec: AttentionSpec) -> list[str]:
         reasons = super().unsupported_reasons(spec)
         if self.params["landmark_mode"] == "pool2d" and (spec.q_hw is None or spec.kv_hw is None):

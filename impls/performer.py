@@ -166,6 +166,17 @@ class PerformerAttention(Attention):
         denominator = torch.matmul(phi_q, k_sum)  # (B, H, Nq, 1)
         return (numerator / denominator).to(spec.dtype)
 
+    def dense_weights(self, q, k, spec):
+        # The normalised feature products phi(q) phi(k)^T / (phi(q) . sum_j phi(k_j)).
+        dtype = compute_dtype(q.dtype)
+        q, k = q.to(dtype), k.to(dtype)
+        w = self.projection(spec.channels, q.device, dtype)  # (m, C)
+        input_scale = math.sqrt(softmax_scale(self.params["scale"], spec.channels))
+        phi_k = positive_features(k, w, input_scale, is_query=False)  # (B, H, Nk, m)
+        phi_q = positive_features(q, w, input_scale, is_query=True)  # (B, H, Nq, m)
+        products = torch.matmul(phi_q, phi_k.transpose(-2, -1))  # (B, H, Nq, Nk)
+        return (products / products.sum(dim=-1, keepdim=True)).to(spec.dtype)
+
     @property
     def label(self) -> str:
         """``performer.torch(m=256)``; ``iid``, ``redraw=``, ``seed=``, ``scale=`` when set."""

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from attnbench.registry import Attention, Param
 from attnbench.spec import AttentionSpec
 
@@ -137,6 +139,28 @@ def geometry_problems(
     return (None if problems else geom), problems
 
 
+def kept_key_mask(keys: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """[B, H, Nq, Nk] bool: True where a query's cell kept the key's low-res block.
+
+    ``keys`` [B, H, m, κ] are phase 1's low-res key indices; each stands for its d x d block of
+    full-resolution keys, and every query of a cell attends to its cell's blocks.
+    """
+    b, h, m, topk = keys.shape
+    d, (hq, wq), (hk, wk) = geom.d, geom.q_hw, geom.kv_hw
+    kw = geom.kv_low[1]
+    offsets = torch.arange(d, device=keys.device)
+    rows = (keys // kw)[..., None, None] * d + offsets[:, None]  # (B, H, m, κ, d, 1)
+    cols = (keys % kw)[..., None, None] * d + offsets  # (B, H, m, κ, 1, d)
+    tokens = (rows * wk + cols).reshape(b, h, m, topk * d * d)  # (B, H, m, κ d²)
+    cell_mask = torch.zeros(b, h, m, hk * wk, dtype=torch.bool, device=keys.device)
+    cell_mask.scatter_(-1, tokens, True)
+    side = geom.cell_side
+    q_rows = torch.arange(hq, device=keys.device) // side
+    q_cols = torch.arange(wq, device=keys.device) // side
+    cell_of_query = (q_rows[:, None] * geom.cells_hw[1] + q_cols).reshape(-1)  # (Nq,)
+    return cell_mask[:, :, cell_of_query]  # (B, H, Nq, Nk)
+
+
 class GPABase(Attention):
     """Parameters, checks, cost and labels common to the GPA backends."""
 
@@ -211,6 +235,17 @@ class GPABase(Attention):
         from attnbench.impls.gpa.vectorised import select_keys
 
         return select_keys(q, k, geom, self.params["affinity"], scale)
+
+    def dense_weights(self, q, k, spec):
+        # Phase 2's softmax over each cell's kept keys, scattered over all keys (zeros elsewhere).
+        geom = self.geometry(spec)
+        scale = self.scale_for(spec.channels)
+        mask = kept_key_mask(self.select_keys(q, k, geom, scale), geom)  # (B, H, Nq, Nk)
+        if self.params["affinity"] == "dot":
+            scores = scale * torch.matmul(q, k.transpose(-2, -1))  # (B, H, Nq, Nk)
+        else:
+            scores = -scale * torch.cdist(q, k).square()  # (B, H, Nq, Nk)
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
     def timed_parts(self, q, k, v, spec):
         geom = self.geometry(spec)
