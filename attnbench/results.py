@@ -29,7 +29,7 @@ MICRO_KEYS = (
 )  # fmt: skip
 TRAIN_KEYS = (
     "task", "steps", "train_time_s", "step_time_s", "test_l1", "test_loss", "ssim", "psnr",
-    "lpips", "fid", "attn_mem_bytes", "n_params",
+    "lpips", "fid", "attn_mem_bytes", "n_params", "copy_hit_rate",
 )  # fmt: skip
 
 

@@ -53,10 +53,15 @@ class SuiteError(ValueError):
 
 @dataclass(frozen=True, config=CONFIG)
 class ImplEntry:
-    """One implementation; a list value in ``params`` sweeps that parameter."""
+    """One implementation; a list value in ``params`` sweeps that parameter.
+
+    ``generator`` (train suites) overrides generator settings for this entry alone, over the
+    suite's ``generator`` (e.g. ``{small_attention: none}``: no copying at any level).
+    """
 
     name: str
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    generator: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -131,7 +136,9 @@ class DataConfig:
     DeepFashion CSV files; ``fit`` stretches images to the generator's size or pads them
     (the paper pads DeepFashion's 256x176 to 256x256). ``train_size`` distinct training items
     are cycled through; the held-out set has ``test_size`` items drawn with a fixed seed of its
-    own.
+    own. ``pose`` is what each branch sees of its pose: keypoint heatmaps, or heatmaps plus
+    a coordinate map (the source's own; the target's warped like the image, so it says where
+    each target pixel comes from — what a folder of images without keypoints gets anyway).
     """
 
     source: Literal["mannequin", "folder", "deepfashion"] = "mannequin"
@@ -140,9 +147,17 @@ class DataConfig:
     pairs: str | None = None
     sigma: Annotated[float, Field(gt=0)] = 2.0
     noise: Annotated[float, Field(ge=0, le=0.5)] = 0.15
+    pose: Literal["heatmaps", "heatmaps+coords"] = "heatmaps"
     fit: Literal["stretch", "pad"] = "stretch"
     train_size: PositiveInt = 10_000
     test_size: PositiveInt = 64
+
+
+@dataclass(frozen=True, config=CONFIG)
+class Budget:
+    """A training-time budget: a run stops after the step that reaches ``minutes``."""
+
+    minutes: Annotated[float, Field(gt=0)]
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -151,22 +166,37 @@ class TrainSuite:
 
     The implementation (with its parameters) replaces the attention at the decoder levels
     larger than the preset's ``full_attn_max``; everything else is equal for every case.
+    ``generator`` overrides fields of the preset (:class:`GeneratorConfig`). A run takes
+    ``steps`` steps, or stops earlier at the end of the step that exhausts ``budget``; the
+    learning rate warms up linearly over ``warmup_steps`` and then stays (``constant``) or
+    decays to zero (``cosine``) over the run's progress, max(step / steps, time / budget).
+    The copying blocks' temperatures (``generator: {learn_temperature: true}``) train with
+    ``temperature_lr`` (default ``lr``): Adam moves a log-temperature by about its learning rate
+    per step, so with 5e-4 a temperature could not even double in 1,000 steps.
+    Every ``checkpoint_every`` steps the run saves a checkpoint and records the copy hit rate
+    on the first ``hit_samples`` held-out pairs.
     """
 
     name: str
     kind: Literal["train"]
     implementations: Annotated[tuple[ImplEntry, ...], Field(min_length=1)]
     steps: PositiveInt
+    budget: Budget | None = None
     task: Literal["copying"] = "copying"
     preset: str = "cpu64"
+    generator: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = DataConfig()
     seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0,)
     batch: PositiveInt = 4
     lr: Annotated[float, Field(gt=0)] = 2e-4
+    temperature_lr: Annotated[float, Field(gt=0)] | None = None
     loss: Literal["l1", "lpips"] | dict[Literal["l1", "lpips"], Annotated[float, Field(ge=0)]] = (
         "l1"
     )
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
     checkpoint_every: PositiveInt = 50
+    hit_samples: PositiveInt = 8
     eval_batch: PositiveInt = 16
     grid_samples: PositiveInt = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -375,6 +405,17 @@ def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
             f"{file}: preset: {suite.preset!r} is not a generator preset "
             f"(allowed: {', '.join(PRESETS)})"
         )
+    else:
+        checks = [("generator", suite.generator)] + [
+            (f"implementations[{i}].generator", {**suite.generator, **entry.generator})
+            for i, entry in enumerate(suite.implementations)
+            if entry.generator
+        ]
+        for key, overrides in checks:
+            try:
+                generator_config(suite.preset, overrides)
+            except (ValueError, TypeError) as err:
+                problems.append(f"{file}: {key}: {err}")
     data = suite.data
     needs = {"folder": ("root",), "deepfashion": ("root", "annotations")}.get(data.source, ())
     for key in needs:
@@ -383,6 +424,20 @@ def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
     if isinstance(suite.loss, dict) and not any(suite.loss.values()):
         problems.append(f"{file}: loss: every weight is 0 (allowed: at least one weight > 0)")
     return problems
+
+
+def generator_config(preset_name: str, overrides: dict[str, Any]):
+    """The preset's :class:`GeneratorConfig` with ``overrides``; ValueError names a bad field."""
+    from attnbench.generators import GeneratorConfig, preset
+
+    config = preset(preset_name)
+    fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown generator setting {unknown[0]!r} (allowed: {', '.join(sorted(fields))})"
+        )
+    return dataclasses.replace(config, **overrides)
 
 
 def check_suite(suite: Suite, file: str) -> list[str]:
@@ -495,6 +550,11 @@ class TrainCase(CaseIdentity):
     loss: str
     data: str
     device: str
+    generator: str = "{}"
+    budget_minutes: float | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    temperature_lr: float | None = None
 
 
 def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
@@ -515,6 +575,11 @@ def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
             loss=loss,
             data=data,
             device=device,
+            generator=json.dumps({**suite.generator, **entry.generator}, sort_keys=True),
+            budget_minutes=suite.budget.minutes if suite.budget else None,
+            schedule=suite.schedule,
+            warmup_steps=suite.warmup_steps,
+            temperature_lr=suite.temperature_lr,
         )
         for entry in suite.implementations
         for combo in sweep(entry.params)

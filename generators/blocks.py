@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnbench.registry import Attention
@@ -38,6 +39,25 @@ def make_activation(kind: str) -> nn.Module:
     raise ValueError(f"activation={kind!r} is not allowed (allowed: leaky_relu, silu)")
 
 
+def fourier_features(coords: torch.Tensor, bands: int) -> torch.Tensor:
+    """[N, 2, h, w] coordinates in (-1, 1) -> [N, 4 bands, h, w]: sin and cos of 2^b π x, y.
+
+    The dot product of two such codes is a sum of cosines of the coordinate differences, peaked
+    where the coordinates agree (the finest band's period is 2^(2 - bands) of the map's side).
+    """
+    freqs = math.pi * 2.0 ** torch.arange(bands, device=coords.device, dtype=coords.dtype)
+    angles = coords[:, :, None] * freqs[:, None, None]  # (N, 2, bands, h, w)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).flatten(1, 2)  # (N, 4 bands, h, w)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """[N, 2, h, w]: the normalised (x, y) of every pixel centre of x's map, in (-1, 1)."""
+    n, _, h, w = x.shape
+    xs = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
+    ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1
+    return torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)]).expand(n, 2, h, w)
+
+
 class ConvBlock(nn.Sequential):
     """3x3 convolution (same size), normalisation, activation."""
 
@@ -56,7 +76,12 @@ class AttentionCopy(nn.Module):
 
     ``q = conv1x1(target)``, ``k = conv1x1(source)``, ``v = conv1x1(source)``, each with
     ``attn_channels`` channels and one head; tokens are the pixels in row-major order, as the
-    registry's call expects. ``forward`` returns ``cat([target, attention], dim=1)``, with
+    registry's call expects. With ``code_channels`` the query and key convolutions also read
+    positional codes of the target and source pixels (``codes``: the pixels' own coordinates, or
+    Fourier features of where the pose says they lie); the queries are multiplied by a
+    temperature, trainable with
+    ``learn_temperature`` (a sharper or softer softmax for every implementation alike).
+    ``forward`` returns ``cat([target, attention], dim=1)``, with
     ``target_channels + attn_channels`` channels whatever the implementation, so every method
     trains the same architecture. The implementation holds no trainable parameters in this
     project; if one is an ``nn.Module`` it is registered as a submodule so that its parameters
@@ -67,6 +92,8 @@ class AttentionCopy(nn.Module):
         map_size: (h, w) of the target and source maps at this level.
         last_shapes: shapes of (q, k, v) of the last call, e.g. ``[N, 1, h*w, C]``; None
             before the first call.
+        record: when True, every call keeps its (q, k), detached, in ``recorded`` (for the
+            attention weights: ``attention.weights(*recorded, map_size, map_size)``).
     """
 
     def __init__(
@@ -76,17 +103,35 @@ class AttentionCopy(nn.Module):
         attn_channels: int,
         attention: Attention,
         map_size: tuple[int, int],
+        code_channels: int = 0,
+        learn_temperature: bool = False,
+        temperature_init: float = 1.0,
+        affinity: str = "dot",
     ):
         super().__init__()
-        self.query = nn.Conv2d(target_channels, attn_channels, 1)
-        self.key = nn.Conv2d(source_channels, attn_channels, 1)
+        extra = code_channels
+        # euclid appends one channel to q and k: the convolutions make one fewer, so that the
+        # implementation sees attn_channels (a width its kernels are fast at: 32, not 33).
+        qk = attn_channels - (1 if affinity == "euclid" else 0)
+        self.query = nn.Conv2d(target_channels + extra, qk, 1)
+        self.key = nn.Conv2d(source_channels + extra, qk, 1)
         self.value = nn.Conv2d(source_channels, attn_channels, 1)
+        self.code_channels = code_channels
+        self.euclid = affinity == "euclid"
+        self.cosine = affinity == "cosine"
+        log_t = torch.tensor(math.log(temperature_init))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
         self.attention = attention
         self.target_channels = target_channels
         self.source_channels = source_channels
         self.attn_channels = attn_channels
         self.map_size = tuple(map_size)
         self.last_shapes: tuple[torch.Size, torch.Size, torch.Size] | None = None
+        self.record = False
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def attention_name(self) -> str:
@@ -130,25 +175,55 @@ class AttentionCopy(nn.Module):
         # (N, C, h, w) -> (N, 1, h*w, C): one head, pixels in row-major order.
         return x.flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
 
-    def attention_call(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def attention_call(
+        self,
+        target: torch.Tensor,
+        source: torch.Tensor,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The 1x1 convolutions and the attention alone: -> [N, attn_channels, h, w].
 
         Args:
             target: target-branch decoder features [N, target_channels, h, w] (queries).
             source: source-branch decoder features [N, source_channels, hs, ws] (keys, values).
+            codes: (target code [N, code_channels, h, w], source code [N, code_channels, hs,
+                ws]) read by the query and key convolutions; required when code_channels > 0.
         """
         n, _, h, w = target.shape
         hs, ws = source.shape[-2:]
-        q = self._tokens(self.query(target))  # (N, 1, h*w, C)
-        k = self._tokens(self.key(source))  # (N, 1, hs*ws, C)
+        q_in, k_in = target, source
+        if self.code_channels:
+            if codes is None:
+                raise ValueError(
+                    f"this block reads {self.code_channels} code channels: pass codes="
+                    "(target code, source code)"
+                )
+            q_in = torch.cat([target, codes[0]], dim=1)
+            k_in = torch.cat([source, codes[1]], dim=1)
+        q = self._tokens(self.query(q_in))  # (N, 1, h*w, C)
+        k = self._tokens(self.key(k_in))  # (N, 1, hs*ws, C)
+        if self.cosine:  # unit q and k: scores T cos(q, k) after the implementation's 1/sqrt(C)
+            q = F.normalize(q, dim=-1) * math.sqrt(self.attn_channels)
+            k = F.normalize(k, dim=-1)
+        if self.euclid:  # [2q, -1] . [k, |k|²] = -|q - k|² + |q|² (constant along a softmax row)
+            q = torch.cat([2 * q, -torch.ones_like(q[..., :1])], dim=-1)  # (N, 1, h*w, C)
+            k = torch.cat([k, k.square().sum(-1, keepdim=True)], dim=-1)  # (N, 1, hs*ws, C)
+        q = q * self.log_temperature.exp()
         v = self._tokens(self.value(source))  # (N, 1, hs*ws, C)
         self.last_shapes = (q.shape, k.shape, v.shape)
+        if self.record:
+            self.recorded = (q.detach(), k.detach())
         out = self.attention(q, k, v, q_hw=(h, w), kv_hw=(hs, ws))  # (N, 1, h*w, C)
         return out.squeeze(1).transpose(1, 2).reshape(n, self.attn_channels, h, w)
 
-    def forward(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        target: torch.Tensor,
+        source: torch.Tensor,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """cat([target, attention], dim=1): [N, target_channels + attn_channels, h, w]."""
-        return torch.cat([target, self.attention_call(target, source)], dim=1)
+        return torch.cat([target, self.attention_call(target, source, codes)], dim=1)
 
     def extra_repr(self) -> str:
         h, w = self.map_size

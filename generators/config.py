@@ -19,6 +19,10 @@ from typing import Any
 NORMS = ("group", "instance", "none")
 ACTIVATIONS = ("leaky_relu", "silu")
 EXACT_ATTENTION = "full.sdpa"
+SMALL_ATTENTIONS = (EXACT_ATTENTION, "none")
+COORDS = ("none", "qk", "inputs", "pose")
+POSE_CODE_BANDS = 5  # Fourier bands of coords="pose": periods from 2 down to 1/8 of the map
+AFFINITIES = ("dot", "euclid", "cosine")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,26 @@ class GeneratorConfig:
         activation: "leaky_relu" (slope 0.2) or "silu".
         gpa_phase1_res: phase-1 resolution given to GPA implementations (names starting with
             "gpa.") unless the caller passes ``downsample`` or ``phase1_res``; None adds nothing.
+        small_attention: the implementation of the levels up to ``full_attn_max``:
+            "full.sdpa" (exact attention), or "none" for the paper's NO, no copying at any
+            level (with "none" at the large levels too).
+        coords: normalised (x, y) pixel coordinates as 2 extra channels, a positional
+            inductive bias in both branches: "none"; "qk", read by every copying block's query
+            and key 1x1 convolutions at the block's resolution; "inputs", read by both encoders
+            next to the image and pose maps; "pose", every copying block's query and key
+            convolutions read Fourier features (``POSE_CODE_BANDS`` bands) of the coordinate
+            map that the last two pose channels hold (data ``pose: heatmaps+coords``, or a
+            folder of images), averaged to the block's resolution: for the target, where its
+            pixels come from.
+        learn_temperature: every copying block multiplies its queries by a trainable
+            temperature (one scalar, stored as its logarithm), so it can sharpen its softmax.
+        temperature_init: the temperature's initial value (1 = the plain 1/sqrt(C) scale).
+        affinity: what every copying block's scores measure: "dot" (q.k) or "euclid"
+            (-|q - k|², as GPA's authors use): the block's q and k convolutions make
+            ``attn_channels - 1`` channels and it appends one to each so that any
+            implementation's dot product gives -|q - k|² plus a constant per query; or
+            "cosine" (Swin V2's scaled cosine attention): unit-length q and k scaled so that
+            every implementation's scores are the temperature times cos(q, k).
     """
 
     image_size: tuple[int, int]
@@ -53,6 +77,11 @@ class GeneratorConfig:
     norm_groups: int = 8
     activation: str = "leaky_relu"
     gpa_phase1_res: int | None = None
+    small_attention: str = EXACT_ATTENTION
+    coords: str = "none"
+    learn_temperature: bool = False
+    temperature_init: float = 1.0
+    affinity: str = "dot"
 
     def __post_init__(self) -> None:
         # Normalise lists (from YAML or JSON) to tuples so the config stays hashable.
@@ -82,6 +111,23 @@ class GeneratorConfig:
                 f"gpa_phase1_res={self.gpa_phase1_res!r} is not allowed "
                 "(allowed: an integer >= 1 or None)"
             )
+        if self.small_attention not in SMALL_ATTENTIONS:
+            raise ValueError(
+                f"small_attention={self.small_attention!r} is not allowed "
+                f"(allowed: {', '.join(SMALL_ATTENTIONS)})"
+            )
+        if self.coords not in COORDS:
+            raise ValueError(
+                f"coords={self.coords!r} is not allowed (allowed: {', '.join(COORDS)})"
+            )
+        if self.affinity not in AFFINITIES:
+            raise ValueError(
+                f"affinity={self.affinity!r} is not allowed (allowed: {', '.join(AFFINITIES)})"
+            )
+        if not (isinstance(self.temperature_init, int | float) and self.temperature_init > 0):
+            raise ValueError(
+                f"temperature_init={self.temperature_init!r} is not allowed (allowed: a number > 0)"
+            )
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is not allowed (allowed: {', '.join(NORMS)})")
         if self.activation not in ACTIVATIONS:
@@ -107,6 +153,11 @@ class GeneratorConfig:
         h, w = self.image_size
         last = self.levels - 1
         return tuple((h >> (last - i), w >> (last - i)) for i in range(self.levels))
+
+    @property
+    def code_channels(self) -> int:
+        """Positional code channels each copying block's q and k convolutions read."""
+        return {"qk": 2, "pose": 4 * POSE_CODE_BANDS}.get(self.coords, 0)
 
     @property
     def lowest_size(self) -> tuple[int, int]:

@@ -36,8 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench import registry
-from attnbench.generators.blocks import AttentionCopy, ConvBlock
-from attnbench.generators.config import EXACT_ATTENTION, GeneratorConfig
+from attnbench.generators.blocks import (
+    AttentionCopy,
+    ConvBlock,
+    coordinate_channels,
+    fourier_features,
+)
+from attnbench.generators.config import EXACT_ATTENTION, POSE_CODE_BANDS, GeneratorConfig
 from attnbench.registry import UnsupportedError
 
 
@@ -95,7 +100,8 @@ class CopyingGenerator(nn.Module):
     Args:
         config: the architecture (see :class:`GeneratorConfig`, or ``preset(name)``).
         attention: registry name used at the levels whose longer side exceeds
-            ``config.full_attn_max``; smaller levels always use ``full.sdpa``. ``"none"`` makes the
+            ``config.full_attn_max``; smaller levels use ``config.small_attention``
+            (``full.sdpa`` unless the config asks for no copying at all). ``"none"`` makes the
             large levels copy zeros while keeping every layer (and the parameter count).
         attention_params: parameters for ``attention``; GPA names get
             ``phase1_res=config.gpa_phase1_res`` unless ``downsample`` or ``phase1_res`` is given.
@@ -117,17 +123,30 @@ class CopyingGenerator(nn.Module):
         self.attention_params = config.large_level_params(attention, attention_params)
         registry.create(attention, **self.attention_params)  # validate even with no large level
         c, a, p = config.channels, config.attn_channels, config.pose_channels
-        self.source_encoder = UNetEncoder(config.image_channels + p, config)
-        self.target_encoder = UNetEncoder(p, config)
+        extra = 2 if config.coords == "inputs" else 0
+        self.source_encoder = UNetEncoder(config.image_channels + p + extra, config)
+        self.target_encoder = UNetEncoder(p + extra, config)
         self.source_decoder = UNetDecoder(config, carried=0)
         self.target_decoder = UNetDecoder(config, carried=a)
         copies = []
         for i, size in enumerate(config.level_sizes):
             if config.uses_exact_attention(i):
-                impl = registry.create(EXACT_ATTENTION)
+                impl = registry.create(config.small_attention)
             else:
                 impl = registry.create(attention, **self.attention_params)
-            copies.append(AttentionCopy(c[i], c[i], a, impl, size))
+            copies.append(
+                AttentionCopy(
+                    c[i],
+                    c[i],
+                    a,
+                    impl,
+                    size,
+                    code_channels=config.code_channels,
+                    learn_temperature=config.learn_temperature,
+                    temperature_init=config.temperature_init,
+                    affinity=config.affinity,
+                )
+            )
         self.copies = nn.ModuleList(copies)
         self.to_rgb = nn.ModuleList(
             nn.Conv2d(c[i] + a, config.image_channels, 1) for i in range(config.levels)
@@ -163,16 +182,39 @@ class CopyingGenerator(nn.Module):
             [N, image_channels, H, W], linear (clamp to [0, 1] for metrics).
         """
         self._check_inputs(source_image, source_pose, target_pose)
-        src_skips = self.source_encoder(torch.cat([source_image, source_pose], dim=1))
-        tgt_skips = self.target_encoder(target_pose)
+        source_in = torch.cat([source_image, source_pose], dim=1)
+        target_in = target_pose
+        if self.config.coords == "inputs":
+            source_in = torch.cat([source_in, coordinate_channels(source_in)], dim=1)
+            target_in = torch.cat([target_in, coordinate_channels(target_in)], dim=1)
+        src_skips = self.source_encoder(source_in)
+        tgt_skips = self.target_encoder(target_in)
         s = t = rgb = None
         for i, copy in enumerate(self.copies):
             s = self.source_decoder.level(i, s, src_skips[i])  # (N, c[i], h, w)
             t = self.target_decoder.level(i, t, tgt_skips[i])  # (N, c[i], h, w)
-            t = copy(t, s)  # (N, c[i] + a, h, w)
+            t = copy(t, s, self.codes(t, s, source_pose, target_pose))  # (N, c[i] + a, h, w)
             level_rgb = self.to_rgb[i](t)  # (N, image_channels, h, w)
             rgb = level_rgb if rgb is None else upsample2(rgb) + level_rgb
         return rgb
+
+    def codes(
+        self,
+        target: torch.Tensor,
+        source: torch.Tensor,
+        source_pose: torch.Tensor,
+        target_pose: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The positional codes a level's copying block reads (``config.coords``), or None."""
+        if self.config.coords == "qk":
+            return coordinate_channels(target), coordinate_channels(source)
+        if self.config.coords != "pose":
+            return None
+        size = tuple(target.shape[-2:])
+        return tuple(
+            fourier_features(F.adaptive_avg_pool2d(pose[:, -2:], size), POSE_CODE_BANDS)
+            for pose in (target_pose, source_pose)
+        )
 
     def attention_blocks(self) -> list[tuple[str, AttentionCopy]]:
         """The copying blocks, smallest level first, named ``level{i}_{h}x{w}``."""
@@ -192,7 +234,7 @@ class CopyingGenerator(nn.Module):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Random (target, source) feature maps for every block's ``attention_call``.
+        """Random (target, source, codes) inputs for every block's ``attention_call``.
 
         Measure the paper's "attention memory" (all copying blocks, batch 1, forward and
         backward) by running ``block.attention_call(*inputs[name])`` and backward for each
@@ -204,11 +246,19 @@ class CopyingGenerator(nn.Module):
             dtype = ref.dtype if dtype is None else dtype
         inputs = {}
         for name, block in self.attention_blocks():
-            target_shape, source_shape = block.feature_shapes(batch)
-            inputs[name] = tuple(
+            target, source = (
                 torch.randn(shape, device=device, dtype=dtype, generator=generator)
-                for shape in (target_shape, source_shape)
+                for shape in block.feature_shapes(batch)
             )
+            codes = None
+            if block.code_channels:
+                codes = tuple(
+                    torch.randn(
+                        x.shape[0], block.code_channels, *x.shape[2:], generator=generator
+                    ).to(device=device, dtype=dtype)
+                    for x in (target, source)
+                )
+            inputs[name] = (target, source, codes)
         return inputs
 
     def unsupported_reasons(

@@ -134,3 +134,75 @@ def test_lpips_loads_weights_found_on_disk(tmp_path, monkeypatch):
     images = torch.rand(2, 3, 32, 32)
     assert model(images, images).item() == pytest.approx(0.0, abs=1e-6)
     assert model(images, torch.rand(2, 3, 32, 32)).item() > 0
+
+
+def test_rows_carry_the_copy_hit_rate_and_its_curve(tmp_path):
+    _, rows = runner.run_suite(tiny(tmp_path), tmp_path, progress=False)
+    for row in rows:
+        hits = row["copy_hit_rate"]
+        assert set(hits["levels"]) == {"level0_8x8", "level1_16x16", "level2_32x32", "level3_64x64"}
+        assert hits["largest"] == hits["levels"]["level3_64x64"]["r1"]
+        assert 0 <= hits["largest"] <= hits["largest_r2"] <= 1
+        assert [point["step"] for point in row["hit_curve"]] == [3, 6]
+    none, _ = rows
+    assert none["copy_hit_rate"]["largest"] == 0, "none copies nothing at the large levels"
+    assert none["copy_hit_rate"]["levels"]["level0_8x8"]["r1"] > 0, "full.sdpa below them"
+
+
+def test_no_copying_at_any_level(tmp_path):
+    text = TINY.replace(
+        "  - name: gpa.torch\n", "    generator: {small_attention: none}\n"
+    ).replace("  - name: none\n", "  - name: none\n  - name: none\n")
+    _, (large_only, everywhere) = runner.run_suite(tiny(tmp_path, text), tmp_path, progress=False)
+    assert everywhere["generator"] == {"small_attention": "none"}
+    assert large_only["case_id"] != everywhere["case_id"]
+    levels = everywhere["copy_hit_rate"]["levels"]
+    assert all(level["r1"] == 0 and level["r2"] == 0 for level in levels.values())
+    assert large_only["copy_hit_rate"]["levels"]["level1_16x16"]["r1"] > 0
+
+
+class FakeClock:
+    """A clock advancing 5 s per reading: every training step (two readings) takes 5 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 5.0
+        return self.now
+
+
+def test_time_budget_stops_within_one_step_and_resumes(tmp_path, monkeypatch):
+    text = TINY.replace("  - name: gpa.torch\n", "").replace(
+        "steps: 6", "steps: 100\nbudget: {minutes: 0.5}"
+    )
+    suite = tiny(tmp_path, text)
+    monkeypatch.setattr(copying, "clock", FakeClock())
+    _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
+    assert whole["steps"] == 6 and whole["train_time_s"] == pytest.approx(30)
+    assert whole["max_steps"] == 100 and whole["budget_minutes"] == 0.5
+    assert [point["step"] for point in whole["hit_curve"]] == [3, 6]
+
+    real_save = copying.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    suite = tiny(tmp_path, text.replace("checkpoint_every: 3", "checkpoint_every: 2"))
+    monkeypatch.setattr(copying, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_suite(suite, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(copying, "save_checkpoint", real_save)
+    _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
+    assert resumed["steps"] == 6 and resumed["train_time_s"] == pytest.approx(30)
+    assert [point["step"] for point in resumed["hit_curve"]] == [2, 4, 6]
+
+
+def test_learning_rate_schedule():
+    constant = copying.LearningRate(1.0, 100, None, "constant", warmup=4)
+    assert [constant(s, 0) for s in (0, 3, 50)] == [0.25, 1.0, 1.0]
+    cosine = copying.LearningRate(1.0, 100, 60.0, "cosine", warmup=0)
+    assert cosine(0, 0) == 1.0 and cosine(50, 0) == pytest.approx(0.5)
+    assert cosine(10, 30.0) == pytest.approx(0.5), "time budget half used: half way"
+    assert cosine(100, 0) == pytest.approx(0.0)

@@ -108,7 +108,11 @@ def warp_keypoints(
 
 
 def affine_pair(
-    sample: dict, generator: torch.Generator, sigma: float, noise: float = WARP_NOISE
+    sample: dict,
+    generator: torch.Generator,
+    sigma: float,
+    noise: float = WARP_NOISE,
+    coords: bool = False,
 ) -> dict:
     """A training pair from one sample: the sample and its copy warped by a random affine.
 
@@ -118,6 +122,9 @@ def affine_pair(
         generator: draws theta (``random_affine``).
         sigma: heatmap sigma in pixels for poses drawn from keypoints.
         noise: theta = identity + U(-noise, noise).
+        coords: with keypoints, also append to the source pose its coordinate map and to the
+            target pose that map warped like the image (2 channels each: where each target
+            pixel comes from, zeros outside the source).
 
     Returns:
         ``source`` (the image), ``source_pose``, ``target`` (the warped image), ``target_pose``,
@@ -138,6 +145,10 @@ def affine_pair(
         source_pose = heatmaps(keypoints, size, sigma)
         target_keypoints = warp_keypoints(keypoints, theta, size)
         target_pose = heatmaps(target_keypoints, size, sigma)
+        if coords:
+            grid = coordinate_map(size)
+            source_pose = torch.cat([source_pose, grid])
+            target_pose = torch.cat([target_pose, warp_image(grid, theta)])
     return {
         "source": image,
         "source_pose": source_pose,

@@ -322,6 +322,8 @@ class AffineCopyDataset(Dataset):
         seed: the set's seed.
         sigma: heatmap sigma in pixels for both poses.
         noise: theta = identity + U(-noise, noise).
+        coords: a source with keypoints also gets coordinate maps in both poses
+            (``affine_pair``): 2 more pose channels.
     """
 
     def __init__(
@@ -331,6 +333,7 @@ class AffineCopyDataset(Dataset):
         seed: int,
         sigma: float,
         noise: float = WARP_NOISE,
+        coords: bool = False,
     ) -> None:
         if length < 1:
             raise ValueError(f"length={length} (must be >= 1)")
@@ -338,7 +341,8 @@ class AffineCopyDataset(Dataset):
             raise ValueError(f"sigma={sigma} (must be > 0)")
         self.source, self.length, self.seed = source, int(length), int(seed)
         self.sigma, self.noise = float(sigma), float(noise)
-        self.pose_channels = source.pose_channels
+        self.coords = bool(coords) and source.pose_channels != 2  # 2: a coordinate map already
+        self.pose_channels = source.pose_channels + (2 if self.coords else 0)
         self.size = source.size
 
     def __len__(self) -> int:
@@ -353,5 +357,5 @@ class AffineCopyDataset(Dataset):
                 sample = self.source.sample(self.seed, index)
             else:
                 sample = self.source.sample(index % len(self.source))
-            pair = affine_pair(sample, generator, self.sigma, self.noise)
+            pair = affine_pair(sample, generator, self.sigma, self.noise, self.coords)
         return {key: value for key, value in pair.items() if value is not None}

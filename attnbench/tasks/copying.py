@@ -35,6 +35,7 @@ from attnbench.results import TRAIN_KEYS, new_row
 from attnbench.suite import TrainCase, TrainSuite
 
 TEST_SEED = 2**31 - 1  # the held-out set's seed: no training seed draws the same items
+clock = time.perf_counter  # times the training steps (their sum is what a budget limits)
 
 
 def world() -> tuple[int, int]:
@@ -85,6 +86,45 @@ class Loss:
         if self.lpips is not None:
             total = total + self.weights["lpips"] * self.lpips(pred.clamp(0, 1), target)
         return total
+
+
+def parameter_groups(model, lr: float, temperature_lr: float | None) -> list[dict]:
+    """Adam's groups: the copying blocks' log-temperatures at ``temperature_lr``, the rest at lr.
+
+    Each group's ``lr_factor`` is its rate over ``lr``; the schedule scales both alike.
+    """
+    temperatures = [p for n, p in model.named_parameters() if n.endswith("log_temperature")]
+    ids = {id(p) for p in temperatures}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest, "lr": lr, "lr_factor": 1.0}]
+    if temperatures:
+        factor = (temperature_lr or lr) / lr
+        groups.append({"params": temperatures, "lr": lr * factor, "lr_factor": factor})
+    return groups
+
+
+class LearningRate:
+    """Linear warm-up over ``warmup`` steps, then constant or a cosine decay to zero.
+
+    The decay follows the run's progress: max(step / steps, elapsed / budget_s), so a run that
+    a time budget stops still ends its schedule.
+    """
+
+    def __init__(
+        self, lr: float, steps: int, budget_s: float | None, kind: str, warmup: int
+    ) -> None:
+        self.lr, self.steps, self.budget_s = lr, steps, budget_s
+        self.kind, self.warmup = kind, warmup
+
+    def __call__(self, step: int, elapsed: float) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.lr
+        progress = step / self.steps
+        if self.budget_s is not None:
+            progress = max(progress, elapsed / self.budget_s)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 PAIR_KEYS = ("source", "source_pose", "target", "target_pose")
@@ -173,24 +213,71 @@ def evaluate(model, test_set, loss_fn: Loss, eval_batch: int, device: str) -> tu
     return result | {"notes": notes}, first
 
 
-def _attention_memory_worker(preset_name: str, impl: str, params: dict, device: str) -> int:
-    from attnbench.generators import CopyingGenerator, preset
+@torch.no_grad()
+def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str) -> dict:
+    """``copy_hit_rate`` of every copying block on the first ``items`` held-out pairs (at most all).
+
+    Returns ``{"largest": r1 of the largest level, "largest_r2": r2 of it, "levels":
+    {block name: {"r1": ..., "r2": ...}}}`` (see :mod:`attnbench.tasks.hit_rate`); a level
+    whose sources all fall outside the map has None. The weights come from each block's
+    implementation (``Attention.weights``), one pair at a time.
+    """
+    from attnbench.tasks.hit_rate import RADII, hit_mass
+
+    items = min(items, len(test_set))
+    blocks = model.attention_blocks()
+    sums = {name: dict.fromkeys(RADII, 0.0) for name, _ in blocks}
+    counts = dict.fromkeys(sums, 0)
+    was_training = model.training
+    model.eval()
+    for _, block in blocks:
+        block.record = True
+    try:
+        for start in range(0, items, eval_batch):
+            chosen = [test_set[i] for i in range(start, min(start + eval_batch, items))]
+            batch = collate(chosen, device)
+            theta = torch.stack([item["theta"] for item in chosen])  # (N, 2, 3)
+            model(batch["source"], batch["source_pose"], batch["target_pose"])
+            for name, block in blocks:
+                q, k = block.recorded
+                for j in range(len(chosen)):  # one pair at a time: Nq x Nk weights each
+                    weights = block.attention.weights(
+                        q[j : j + 1], k[j : j + 1], block.map_size, block.map_size
+                    )
+                    masses, inside = hit_mass(weights, theta[j : j + 1], *[block.map_size] * 2)
+                    for r in RADII:
+                        sums[name][r] += masses[r]
+                    counts[name] += inside
+    finally:
+        for _, block in blocks:
+            block.record, block.recorded = False, None
+        model.train(was_training)
+    levels = {
+        name: {f"r{r}": (sums[name][r] / counts[name] if counts[name] else None) for r in RADII}
+        for name in sums
+    }
+    largest = levels[blocks[-1][0]]
+    return {"largest": largest["r1"], "largest_r2": largest["r2"], "levels": levels}
+
+
+def _attention_memory_worker(config, impl: str, params: dict, device: str) -> int:
+    from attnbench.generators import CopyingGenerator
     from attnbench.measure import peak_memory
 
     torch.manual_seed(0)  # the weights do not change the memory; only the shapes do
-    model = CopyingGenerator(preset(preset_name), attention=impl, attention_params=params)
+    model = CopyingGenerator(config, attention=impl, attention_params=params)
     model = model.to(device)
     inputs = model.attention_block_inputs(batch=1, device=device)
     blocks = dict(model.attention_blocks())
 
     def run_blocks():
-        for name, (target_feat, source_feat) in inputs.items():
-            blocks[name].attention_call(target_feat, source_feat).sum().backward()
+        for name, block_inputs in inputs.items():
+            blocks[name].attention_call(*block_inputs).sum().backward()
 
     return peak_memory(run_blocks, device)
 
 
-def attention_memory(preset_name: str, impl: str, params: dict, device: str) -> int:
+def attention_memory(config, impl: str, params: dict, device: str) -> int:
     """Peak bytes of forward+backward through the attention blocks alone at batch 1.
 
     The paper's measure (its Fig. 5a). It runs in a fresh process: in a process that has
@@ -199,7 +286,7 @@ def attention_memory(preset_name: str, impl: str, params: dict, device: str) -> 
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_attention_memory_worker, (preset_name, impl, params, device))
+        return pool.apply(_attention_memory_worker, (config, impl, params, device))
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -217,7 +304,8 @@ def train_case(
     from tqdm import tqdm
 
     from attnbench.data import AffineCopyDataset
-    from attnbench.generators import CopyingGenerator, preset
+    from attnbench.generators import CopyingGenerator
+    from attnbench.suite import generator_config
 
     rank, world_size = world()
     device = case.device
@@ -228,38 +316,35 @@ def train_case(
             f"(allowed: a multiple of {world_size})",
         )
         return row
-    config = preset(case.preset)
+    data, overrides = suite.data, json.loads(case.generator)
+    source = make_source(suite, generator_config(case.preset, overrides).image_size)
+    pairs = {"sigma": data.sigma, "noise": data.noise, "coords": data.pose == "heatmaps+coords"}
+    train_set = AffineCopyDataset(source, data.train_size, seed=case.seed, **pairs)
+    test_set = AffineCopyDataset(source, data.test_size, seed=TEST_SEED, **pairs)
+    config = generator_config(case.preset, {"pose_channels": train_set.pose_channels, **overrides})
     torch.manual_seed(case.seed)
     model = CopyingGenerator(config, attention=case.impl, attention_params=case.params_dict)
     model = model.to(device)
     row["label"] = registry.create(case.impl, **model.attention_params).label
     row["n_params"] = model.n_params()
-    row["attn_mem_bytes"] = attention_memory(case.preset, case.impl, case.params_dict, device)
-    source = make_source(suite, config.image_size)
-    train_set = AffineCopyDataset(
-        source,
-        suite.data.train_size,
-        seed=case.seed,
-        sigma=suite.data.sigma,
-        noise=suite.data.noise,
-    )
-    test_set = AffineCopyDataset(
-        source, suite.data.test_size, seed=TEST_SEED, sigma=suite.data.sigma, noise=suite.data.noise
-    )
+    row["attn_mem_bytes"] = attention_memory(config, case.impl, case.params_dict, device)
     loss_fn = Loss(suite.loss, device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=case.lr)
+    optimiser = torch.optim.Adam(parameter_groups(model, case.lr, case.temperature_lr))
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
 
     checkpoint = out_dir / f"{case.suite}-{device}-checkpoints" / f"{case.case_id}.pt"
-    start, elapsed, step_times = 0, 0.0, []
+    start, elapsed, step_times, curve = 0, 0.0, [], []
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start, elapsed, step_times = state["step"], state["elapsed"], state["step_times"]
+        curve = state.get("curve", [])
         torch.set_rng_state(state["rng"])
+    budget_s = None if case.budget_minutes is None else 60 * case.budget_minutes
+    schedule = LearningRate(case.lr, case.steps, budget_s, case.schedule, case.warmup_steps)
 
     bar = tqdm(
         range(start, case.steps),
@@ -270,8 +355,13 @@ def train_case(
         desc=f"{row['label']} seed {case.seed}",
         dynamic_ncols=True,
     )
+    done = start
     for step in bar:
-        tic = time.perf_counter()
+        if budget_s is not None and elapsed >= budget_s:
+            break
+        for group in optimiser.param_groups:
+            group["lr"] = schedule(step, elapsed) * group["lr_factor"]
+        tic = clock()
         batch = collate(batch_items(train_set, step, suite.batch, rank, world_size), device)
         out = net(batch["source"], batch["source_pose"], batch["target_pose"])
         loss = loss_fn(out, batch["target"])
@@ -283,22 +373,27 @@ def train_case(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        step_times.append(time.perf_counter() - tic)
+        step_times.append(clock() - tic)
         elapsed += step_times[-1]
         bar.set_postfix(loss=f"{loss.item():.4f}", step_s=f"{step_times[-1]:.2f}")
         done = step + 1
-        if rank == 0 and (done % suite.checkpoint_every == 0 or done == case.steps):
-            save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "step": done,
-                    "elapsed": elapsed,
-                    "step_times": step_times,
-                    "rng": torch.get_rng_state(),
-                },
-            )
+        out_of_time = budget_s is not None and elapsed >= budget_s
+        if done % suite.checkpoint_every == 0 or done == case.steps or out_of_time:
+            hits = copy_hit_rates(model, test_set, suite.hit_samples, suite.eval_batch, device)
+            curve.append({"step": done, "time_s": elapsed, **hits})
+            if rank == 0:
+                save_checkpoint(
+                    checkpoint,
+                    {
+                        "model": model.state_dict(),
+                        "optimiser": optimiser.state_dict(),
+                        "step": done,
+                        "elapsed": elapsed,
+                        "step_times": step_times,
+                        "curve": curve,
+                        "rng": torch.get_rng_state(),
+                    },
+                )
     bar.close()
 
     if world_size > 1:
@@ -311,8 +406,10 @@ def train_case(
     notes = metrics.pop("notes")
     notes.append("fid: not computed for the affine-copying task")
     row.update(metrics)
+    row["copy_hit_rate"] = copy_hit_rates(model, test_set, len(test_set), suite.eval_batch, device)
     row.update(
-        steps=case.steps,
+        steps=done,
+        hit_curve=curve,
         train_time_s=elapsed,
         step_time_s=float(torch.tensor(step_times).median()) if step_times else None,
         reason="; ".join(notes),
@@ -335,6 +432,12 @@ def empty_train_row(case: TrainCase, ctx: dict) -> dict:
         lr=case.lr,
         loss=case.loss,
         data=json.loads(case.data),
+        generator=json.loads(case.generator),
+        budget_minutes=case.budget_minutes,
+        max_steps=case.steps,
+        schedule=case.schedule,
+        warmup_steps=case.warmup_steps,
+        temperature_lr=case.temperature_lr,
         grid_png=None,
     )
     return row
