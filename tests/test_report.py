@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import re
 import statistics
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 from attnbench.report import load, write_report
 from attnbench.report.tables import (
@@ -19,10 +21,12 @@ from attnbench.report.tables import (
     copying_table,
     kappa_training_table,
     machine_name,
+    markdown_table,
     micro_table,
     not_run_table,
     overtakes,
     scaling_table,
+    welch,
 )
 from attnbench.results import REQUIRED_KEYS
 
@@ -134,6 +138,87 @@ def test_copying_means_and_stds_over_seeds_per_machine():
     assert theirs["test_l1"] == pytest.approx(0.5)  # never mixed with the other machine
 
 
+def hits(r1: float, r2: float) -> dict:
+    """A ``copy_hit_rate`` whose largest level has these hit rates."""
+    return {"largest": r1, "largest_r2": r2, "levels": {"level3_64x64": {"r1": r1, "r2": r2}}}
+
+
+def test_welch_p_value_is_scipys_and_empty_below_two_seeds_a_side():
+    # t = 1.5 / sqrt(0.5 / 2) = 3 with 1 degree of freedom: p = 1 - 2 atan(3) / pi
+    assert welch([1.0, 2.0], [0.0, 0.0]) == (1.5, pytest.approx(1 - 2 * math.atan(3) / math.pi))
+    assert welch([1.0], [0.0, 0.5]) == (0.75, None)
+    assert welch([0.0, 0.0], [0.0, 0.0, 0.0]) == (0.0, None)  # no spread on either side
+    assert welch([None, None], [1.0, 2.0]) == (None, None)
+
+
+def test_copying_compares_psnr_and_hit_rate_with_none_and_full_by_welch():
+    rows = load([FIXTURE / "rows.jsonl"])
+    (section,) = [s for s in copying_table(rows).sections if s.context["suite"] == "copying-budget"]
+    records = {r["label"]: r for r in section.records}
+    budget = [r for r in rows if r["suite"] == "copying-budget" and r["status"] == "ok"]
+
+    def values(label: str, generator: dict, key: str) -> list[float]:
+        runs = [r for r in budget if r["label"] == label and r["generator"] == generator]
+        return [r["copy_hit_rate"]["largest"] if key == "hit" else r[key] for r in runs]
+
+    none = {key: values("none", {}, key) for key in ("psnr", "hit")}
+    full = {key: values("full.sdpa(scale=None)", {}, key) for key in ("psnr", "hit")}
+    no_copying = values("none", {"small_attention": "none"}, "psnr")
+    assert len(none["psnr"]) == len(full["psnr"]) == 3 and len(no_copying) == 2
+    welch_p = stats.ttest_ind(full["psnr"], none["psnr"], equal_var=False).pvalue
+    full_record = records["full.sdpa(scale=None)"]
+    assert full_record["psnr_p_vs_none"] == pytest.approx(welch_p)
+    assert full_record["psnr_vs_none"] == pytest.approx(
+        statistics.fmean(full["psnr"]) - statistics.fmean(none["psnr"])
+    )
+    welch_p = stats.ttest_ind(full["hit"], none["hit"], equal_var=False).pvalue
+    assert full_record["hit_r1_p_vs_none"] == pytest.approx(welch_p)
+    assert full_record["psnr_vs_full"] is None  # not compared with itself
+    no_record = records["none (no copying at any level)"]
+    welch_p = stats.ttest_ind(no_copying, full["psnr"], equal_var=False).pvalue
+    assert no_record["psnr_p_vs_full"] == pytest.approx(welch_p)
+    gpa = records["gpa.torch(res=16,s=2,k=12)"]
+    assert gpa["runs"] == "1/2" and gpa["psnr_vs_none"] is not None
+    assert gpa["psnr_p_vs_none"] is None and gpa["psnr_p_vs_full"] is None  # one seed
+    assert "2000 steps or 2 min of training" in section.heading
+    assert gpa["steps_done"] == 895  # the ok run's, as it stopped on its budget
+
+
+def test_generator_overrides_make_a_method_of_their_own():
+    shared = {"coords": "qk"}
+    rows = [train_row("none", s, 0.10, psnr=15.0 + s, generator=shared) for s in (0, 1)]
+    no_copying = shared | {"small_attention": "none"}
+    rows += [train_row("none", s, 0.20, psnr=12.0 + s, generator=no_copying) for s in (2, 3)]
+    rows += [train_row("full.sdpa", 4, 0.05, generator=shared | {"affinity": "euclid"})]
+    (section,) = copying_table(rows).sections
+    assert [r["label"] for r in section.records] == [
+        "none",
+        "none (no copying at any level)",
+        "full.sdpa (affinity=euclid)",
+    ]
+    none, no, _ = section.records
+    assert (none["test_l1"], no["test_l1"]) == (pytest.approx(0.10), pytest.approx(0.20))
+    assert no["psnr_vs_none"] == pytest.approx(-1.0)  # against the plain none, not itself
+    assert none["psnr_vs_none"] is None
+    assert "generator coords=qk" in section.heading
+    assert section.context["generator"] == "coords=qk"
+
+
+def test_rows_without_copy_hit_rate_leave_the_hit_rate_out():
+    old = [train_row("none", s, 0.1) for s in (0, 1)]  # written before the hit rate existed
+    (section,) = copying_table(old).sections
+    assert section.records[0]["hit_r1"] is None
+    assert "hit rate" not in markdown_table(copying_table(old).cols, section.records)
+    new = [train_row("full.sdpa", s, 0.1, copy_hit_rate=hits(0.1 * s, 0.2 * s)) for s in (1, 2)]
+    failed = train_row("full.sdpa", 3, None, status="error", reason="boom", copy_hit_rate=None)
+    old_full = train_row("full.sdpa", 0, 0.1)
+    (section,) = copying_table(old + new + [failed, old_full]).sections
+    full = section.records[1]
+    assert full["runs"] == "3/4"
+    assert full["hit_r1"] == pytest.approx(0.15) and full["hit_r2"] == pytest.approx(0.3)
+    assert full["hit_r1_p_vs_none"] is None  # none has no hit rate
+
+
 def test_not_run_lists_every_row_that_is_not_ok_with_its_reason():
     rows = [micro_row("full.sdpa", 32, 1.0, 1), micro_row("none", 64, None, None)]
     rows.append(train_row("none", 0, None, status="error", reason="boom"))
@@ -204,7 +289,8 @@ def test_every_plot_has_a_title_axes_with_units_and_a_legend():
     figures = all_plots(load([FIXTURE / "rows.jsonl"]))
     names = [name for name, _ in figures]
     # two machines in the fixture: every name of a copying plot carries its machine
-    for prefix in ("copying-memory-vs-l1-", "copying-kappa-", "micro-time-memory-c64"):
+    prefixes = ("copying-memory-vs-l1-", "copying-kappa-", "copying-budget-hit-curve-")
+    for prefix in (*prefixes, "micro-time-memory-c64"):
         assert any(name.startswith(prefix) for name in names), (prefix, names)
     assert any(name.startswith("fidelity-error-vs-memory") for name in names)
     for name, fig in figures:
@@ -231,7 +317,7 @@ def test_cli_report_writes_tables_and_names_a_missing_path(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "tables" / "micro.md").exists()
-    assert "102 rows" in ok.stdout
+    assert "112 rows" in ok.stdout
     bad = subprocess.run(
         cmd + ["--results", str(tmp_path / "nope")], capture_output=True, text=True
     )
@@ -299,6 +385,31 @@ def test_load_reads_each_file_once_and_rejects_files_without_rows(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="no result rows"):
         load([empty])
+
+
+def test_hit_curve_plots_one_line_per_method_and_skips_rows_without_curves():
+    from attnbench.report.plots import hit_curve
+
+    def curve(seed: int) -> list[dict]:
+        return [
+            {"step": step, "time_s": step / 10, **hits(0.01 * step + 0.1 * seed, 0.5)}
+            for step in (10, 20)
+        ]
+
+    rows = [train_row("none", s, 0.1) for s in (0, 1)]
+    assert hit_curve(rows) == []
+    rows += [train_row("full.sdpa", s, 0.1, hit_curve=curve(s)) for s in (0, 1)]
+    no_copying = {"generator": {"small_attention": "none"}}
+    rows += [train_row("none", s, 0.1, hit_curve=curve(s), **no_copying) for s in (2, 3)]
+    ((name, fig),) = hit_curve(rows)
+    assert name == "t-hit-curve"
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    colours = {t.get_text(): h.get_color() for t, h in zip(legend.texts, legend.legend_handles)}
+    assert list(colours) == ["none (no copying at any level)", "full.sdpa"]
+    drawn = [line for line in ax.get_lines() if len(line.get_xdata())]  # not the legend's
+    means = {line.get_color(): list(line.get_ydata()) for line in drawn}
+    assert means[colours["full.sdpa"]] == pytest.approx([0.15, 0.25])  # mean over seeds per step
 
 
 def test_plots_of_two_partitions_of_one_suite_get_two_files(tmp_path):

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from attnbench.report.tables import Table, all_tables, machine_name, machine_of, method_rank
+from attnbench.report.tables import Table, all_tables, machine_name, machine_of
 from attnbench.results import REQUIRED_KEYS, read_rows
 
 TITLE = "# attnbench results"
@@ -98,23 +98,22 @@ def picture_figures(rows: list[dict]) -> list[tuple[str, object]]:
     """
     from attnbench.report.pictures import copying_outputs_figure, selected_keys_figure
     from attnbench.report.plots import name_for, slug
-    from attnbench.report.tables import partition, train_key, train_rows
+    from attnbench.report.tables import partition, train_key, train_methods, train_rows
 
     figures = []
-    train = [
-        r
-        for r in train_rows(rows)
-        if r["status"] == "ok" and r.get("task") == "copying" and r.get("grid_png_path")
-    ]
-    machines = {machine_of(r) for r in train}
+    train = [r for r in train_rows(rows) if r.get("task") == "copying"]
+    machines = {machine_of(r) for r in train if r["status"] == "ok" and r.get("grid_png_path")}
     for key, part in partition(train, train_key):
-        first_seed: dict[str, dict] = {}
-        for r in sorted(part, key=lambda r: method_rank(r) + (r["seed"],)):
-            if Path(r["grid_png_path"]).exists():
-                first_seed.setdefault(r["label"], r)
-        if not first_seed:
+        entries = []
+        for label, runs in train_methods(part):
+            grids = [
+                Path(r["grid_png_path"])
+                for r in sorted(runs, key=lambda r: r["seed"])
+                if r["status"] == "ok" and r.get("grid_png_path")
+            ]
+            entries += [(label, grid) for grid in grids if grid.exists()][:1]
+        if not entries:
             continue
-        entries = [(label, Path(r["grid_png_path"])) for label, r in first_seed.items()]
         title = (
             f"{key[1]}: held-out outputs per method (its lowest seed with a grid; "
             f"{part[0].get('preset')}, batch {part[0].get('batch')})"

@@ -8,8 +8,10 @@ Rows of different machines never share a figure (:func:`attnbench.report.tables.
 
 from __future__ import annotations
 
+import math
 import re
 
+import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
@@ -18,6 +20,7 @@ from matplotlib.transforms import blended_transform_factory
 from attnbench.report.tables import (
     BASELINE,
     MIB,
+    NO_ATTENTION,
     by_method,
     kappa_groups,
     machine_name,
@@ -27,6 +30,7 @@ from attnbench.report.tables import (
     method_rank,
     micro_rows,
     partition,
+    reference_runs,
     scored_rows,
     series_heading,
     series_key,
@@ -35,6 +39,7 @@ from attnbench.report.tables import (
     tokens,
     topk_of,
     train_key,
+    train_methods,
     train_rows,
 )
 
@@ -42,6 +47,7 @@ STYLE = "whitegrid"
 NOT_RUN_MARKER = "x"
 MARKERS = "osD^v<>pPX*hH8d"  # filled; with tab20 colours no two methods look alike
 JITTER = 1.06  # horizontal factor between the not-run markers of neighbouring methods
+FACET_COLUMNS = 3  # panels side by side in a figure of several input families
 
 
 def slug(text: str) -> str:
@@ -75,13 +81,17 @@ def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
     machines = {machine_of(r) for r in train}
     for key, part in partition(train, train_key):
         machine, suite = key[0], key[1]
-        methods = ordered_methods([r for r in part if r["status"] == "ok"])
+        methods = [
+            (label, ok)
+            for label, runs in train_methods(part)
+            if (ok := [r for r in runs if r["status"] == "ok"])
+        ]
         if not methods:
             continue
         with sns.axes_style(STYLE):
             fig = new_figure(8, 5)
             ax = fig.add_subplot()
-            for colour, (_, runs) in zip(palette(len(methods)), methods):
+            for colour, (label, runs) in zip(palette(len(methods)), methods):
                 l1, l1_std = mean_std([r.get("test_l1") for r in runs])
                 memory, memory_std = mean_std([r.get("attn_mem_bytes") for r in runs])
                 if l1 is None or memory is None:
@@ -94,7 +104,7 @@ def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
                     fmt="o",
                     capsize=3,
                     color=colour,
-                    label=f"{runs[0]['label']} (n={len(runs)})",
+                    label=f"{label} (n={len(runs)})",
                 )
             ax.set_xlabel("attention memory, peak of the attention blocks at batch 1 (MiB)")
             ax.set_ylabel("held-out L1, mean ± std over seeds; lower is better (1)")
@@ -106,6 +116,54 @@ def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
             )
             ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         figures.append((name_for(f"{slug(suite)}-memory-vs-l1", machine, machines), fig))
+    return figures
+
+
+def hit_curve(rows: list[dict]) -> list[tuple[str, Figure]]:
+    """Copy hit rate at the largest decoder level (r = 1 px) against training step, from each
+    run's ``hit_curve``: one line per method, mean over seeds with a ± sd band."""
+    figures = []
+    train = train_rows(rows)
+    machines = {machine_of(r) for r in train}
+    for key, part in partition(train, train_key):
+        machine, suite = key[0], key[1]
+        points = pd.DataFrame(
+            [
+                {"method": label, "step": point["step"], "hit rate": point["largest"]}
+                for label, runs in train_methods(part)
+                for r in runs
+                if r["status"] == "ok"
+                for point in r.get("hit_curve") or []
+            ],
+            columns=["method", "step", "hit rate"],
+        ).dropna()
+        if points.empty:
+            continue
+        methods = list(dict.fromkeys(points["method"]))  # report order
+        with sns.axes_style(STYLE):
+            fig = new_figure(8, 5)
+            ax = fig.add_subplot()
+            sns.lineplot(
+                points,
+                x="step",
+                y="hit rate",
+                hue="method",
+                hue_order=methods,
+                palette=palette(len(methods)),
+                errorbar="sd",
+                marker="o",
+                ax=ax,
+            )
+            ax.set_xlabel("training step (count)")
+            ax.set_ylabel("copy hit rate, largest level, r = 1 px; mean ± sd over seeds (1)")
+            first = part[0]
+            ax.set_title(
+                f"{suite}: attention mass on the true source during training "
+                f"({first.get('preset')}, batch {first.get('batch')})\n{machine_name(machine)}",
+                fontsize=10,
+            )
+            sns.move_legend(ax, "center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title=None)
+        figures.append((name_for(f"{slug(suite)}-hit-curve", machine, machines), fig))
     return figures
 
 
@@ -201,9 +259,9 @@ def kappa(rows: list[dict]) -> list[tuple[str, Figure]]:
                 ks, means, stds = zip(*points)
                 label = f"{impl} ({rest})" if rest else impl
                 ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, color=colour, label=label)
-            for colour, impl in zip(colours[len(groups) :], (BASELINE, "none")):
-                runs = [r for r in part if r["impl"] == impl and r["status"] == "ok"]
-                mean, _ = mean_std([r.get("test_l1") for r in runs])
+            references = reference_runs([r for r in part if r["status"] == "ok"])
+            for colour, impl in zip(colours[len(groups) :], (BASELINE, NO_ATTENTION)):
+                mean, _ = mean_std([r.get("test_l1") for r in references[impl]])
                 if mean is not None:
                     ax.axhline(mean, ls="--", color=colour, label=f"{impl} (mean over seeds)")
             ax.set_xscale("log", base=2)
@@ -232,7 +290,8 @@ def memory_of(row: dict) -> tuple[int | None, str]:
 
 
 def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
-    """Relative error against memory per input family, one figure per suite and map."""
+    """Relative error against memory per input family (warp-match per sharpness), one figure
+    per suite and map."""
     figures = []
     scored = scored_rows(rows)
     machines = {machine_of(r) for r in scored}
@@ -243,7 +302,7 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
 
     for fig_key, part in partition(scored, key):
         machine, suite, dtype, channels, cv, batch, heads, q_h, q_w, kv_h, kv_w = fig_key
-        families = sorted({r.get("inputs") for r in part}, key=lambda x: sort_key((x,)))
+        facets = sorted({(r.get("inputs"), r.get("sharpness")) for r in part}, key=sort_key)
         labels = sorted(
             {r["label"] for r in part},
             key=lambda lb: min(method_rank(r) for r in part if r["label"] == lb),
@@ -252,11 +311,19 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
         markers = {lb: MARKERS[i % len(MARKERS)] for i, lb in enumerate(labels)}
         kinds = sorted({memory_of(r)[1] for r in part})
         hollow = kinds[1:]  # a second kind of memory value gets hollow markers
+        columns = min(len(facets), FACET_COLUMNS)
+        lines = math.ceil(len(facets) / columns)
         with sns.axes_style(STYLE):
-            fig = new_figure(5 * len(families) + 2.5, 4.8)
-            axes = fig.subplots(1, len(families), squeeze=False)[0]
-            for ax, family in zip(axes, families):
-                for r in sorted((r for r in part if r.get("inputs") == family), key=method_rank):
+            fig = new_figure(5 * columns + 2.5, 4.8 * lines)
+            axes = list(fig.subplots(lines, columns, squeeze=False).flat)
+            for ax in axes[len(facets) :]:
+                ax.remove()  # the last row's empty places
+            axes = axes[: len(facets)]
+            for ax, (family, sharpness) in zip(axes, facets):
+                same = [
+                    r for r in part if (r.get("inputs"), r.get("sharpness")) == (family, sharpness)
+                ]
+                for r in sorted(same, key=method_rank):
                     memory, kind = memory_of(r)
                     if memory is None or memory <= 0 or r["rel_err_out"] <= 0:
                         continue
@@ -276,7 +343,9 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
                 what = kinds[0] + (f"; hollow: {', '.join(hollow)}" if hollow else "")
                 ax.set_xlabel(f"peak memory above the inputs, {what} (MiB)")
                 ax.set_ylabel("relative L2 error of the output (1)")
-                ax.set_title(f"{family} inputs")
+                ax.set_title(
+                    f"{family} inputs" + ("" if sharpness is None else f", sharpness {sharpness:g}")
+                )
             handles, names = [], []
             for ax in axes:
                 for handle, name in zip(*ax.get_legend_handles_labels()):
@@ -305,7 +374,7 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
     return figures
 
 
-PLOTS = (memory_vs_l1, scaling, kappa, fidelity_vs_memory)
+PLOTS = (memory_vs_l1, hit_curve, scaling, kappa, fidelity_vs_memory)
 
 
 def all_plots(rows: list[dict]) -> list[tuple[str, Figure]]:

@@ -6,8 +6,10 @@ and the section heading names it. Within a section, rows are sorted by their con
 the order they were written, so the same rows always give byte-identical files.
 
 A method is an implementation with its parameters as the suite gave them (``gpa.torch`` with
-``phase1_res=64``); its label in a micro row is resolved for that row's map (``d=4`` at 256x256,
-``d=1`` at 64x64), so curves over map sizes follow the method, and per-size tables show the label.
+``phase1_res=64``) and, for training runs, the generator settings the suite overrode
+(``small_attention=none``: the paper's NO); its label in a micro row is resolved for that row's
+map (``d=4`` at 256x256, ``d=1`` at 64x64), so curves over map sizes follow the method, and
+per-size tables show the label.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from scipy import stats
+
 MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
 FAMILY_ORDER = ("none", "full", "xformers", "gpa", "nystrom", "performer")
 BASELINE = "full.sdpa"  # what speed-ups and overtaking sizes are measured against
+NO_ATTENTION = "none"  # copies nothing: the other reference of the training runs
 SCALING_FIT_MAPS = 3  # the exponent is fitted over each method's largest maps
 MIB = 2**20
 
@@ -113,7 +118,8 @@ def cell(value, fmt: str) -> str:
         return f"{value:,}"
     if isinstance(value, (int, float)) and fmt:
         text = format(value, fmt)
-        return text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.00"
+        signed_zero = text.startswith(("-", "+")) and not text.strip("+-0.")
+        return text[1:] if signed_zero else text  # no "-0.00" nor "+0.00"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
@@ -156,10 +162,17 @@ def family_rank(impl: str) -> tuple:
 
 
 def method_rank(row: dict) -> tuple:
-    """Sort key of a row's method: family, implementation, then parameters by value."""
-    params = row.get("params") or {}
-    values = tuple((k, *sort_key((params[k],))) for k in sorted(params))
-    return family_rank(row["impl"]) + (values, row["label"])
+    """Sort key of a row's method: family, implementation, parameters by value, then generator
+    overrides by value."""
+
+    def values(settings: dict) -> tuple:
+        return tuple((k, *sort_key((settings[k],))) for k in sorted(settings))
+
+    return family_rank(row["impl"]) + (
+        values(row.get("params") or {}),
+        values(generator_of(row)),
+        row["label"],
+    )
 
 
 def params_text(params: dict) -> str:
@@ -167,9 +180,15 @@ def params_text(params: dict) -> str:
     return ", ".join(f"{k}={params[k]}" for k in sorted(params))
 
 
-def method_of(row: dict) -> tuple[str, str]:
-    """(impl, parameters as given): the identity of a method across map sizes."""
-    return row["impl"], params_text(row.get("params") or {})
+def generator_of(row: dict) -> dict:
+    """The generator settings a training run's suite overrode (none for other rows)."""
+    return row.get("generator") or {}
+
+
+def method_of(row: dict) -> tuple[str, str, str]:
+    """(impl, parameters as given, generator overrides): the identity of a method across map
+    sizes and seeds."""
+    return row["impl"], params_text(row.get("params") or {}), params_text(generator_of(row))
 
 
 def method_label(impl: str, params: dict) -> str:
@@ -252,6 +271,7 @@ def shape_key(row: dict) -> tuple:
         row["batch"],
         row["heads"],
         row.get("inputs"),
+        row.get("sharpness"),
     )
 
 
@@ -486,7 +506,8 @@ ERROR_COLS = [
     Col("relative error (input gradients)", "rel_err_grad", ".3g"),
     Col("copy PSNR dB", "copy_psnr", ".2f"),
 ]
-FIDELITY_COLS = [*CASE_COLS, *ERROR_COLS]
+SHARPNESS_COL = Col("sharpness", "sharpness", "g")  # warp-match's s; left out elsewhere
+FIDELITY_COLS = [*CASE_COLS, SHARPNESS_COL, *ERROR_COLS]
 
 
 def scored_rows(rows: list[dict]) -> list[dict]:
@@ -505,6 +526,7 @@ def fidelity_table(rows: list[dict]) -> Table:
         records = [
             {
                 **case_record(r),
+                "sharpness": r.get("sharpness"),
                 "rel_err_out": r.get("rel_err_out"),
                 "rel_err_grad": r.get("rel_err_grad"),
                 "copy_psnr": r.get("copy_psnr"),
@@ -529,7 +551,9 @@ def fidelity_table(rows: list[dict]) -> Table:
         "Relative L2 error of the output and of the input gradients against exact attention in "
         "float64, per input family: gaussian (no spatial structure), smooth (correlated fields), "
         "warp-copy (queries from an affinely warped image must find its pixels; copy PSNR of the "
-        "output against the truly warped image, in dB). The error can exceed 1: on inputs "
+        "output against the truly warped image, in dB), warp-match (the same copy with scores "
+        "ranked by feature distance, sharper as the sharpness s grows: exact attention copies "
+        "at about 22 dB at s = 1 and at 30 dB or more at s = 4). The error can exceed 1: on inputs "
         "without structure exact attention averages nearly all values to a small output, while "
         "a method that keeps a few keys returns a larger one.",
         FIDELITY_COLS,
@@ -539,7 +563,7 @@ def fidelity_table(rows: list[dict]) -> Table:
 
 # --- training ---------------------------------------------------------------------------------
 
-COPYING_COLS = [
+TRAIN_COLS = [
     Col("implementation", "label"),
     Col("runs ok", "runs"),
     Col("test L1", "test_l1", ".4f", std="test_l1_std"),
@@ -547,12 +571,39 @@ COPYING_COLS = [
     Col("PSNR dB", "psnr", ".2f", std="psnr_std"),
     Col("LPIPS", "lpips", ".4f", std="lpips_std"),
     Col("FID", "fid", ".2f", std="fid_std"),
+    Col("hit rate r=1", "hit_r1", ".3f", std="hit_r1_std"),
+    Col("hit rate r=2", "hit_r2", ".3f", std="hit_r2_std"),
+    Col("steps done", "steps_done", ".0f"),
+    Col("training s", "train_s", ".0f"),
     Col("attention MiB", "attn_mib", ".3g"),
     Col("step ms", "step_ms", ".4g"),
     Col("parameters", "n_params"),
 ]
-TRAIN_METRICS = ("test_l1", "ssim", "psnr", "lpips", "fid")
+COMPARISON_COLS = [
+    Col(f"PSNR − {NO_ATTENTION} dB", "psnr_vs_none", "+.2f"),
+    Col(f"p (PSNR vs {NO_ATTENTION})", "psnr_p_vs_none", ".2g"),
+    Col(f"PSNR − {BASELINE} dB", "psnr_vs_full", "+.2f"),
+    Col(f"p (PSNR vs {BASELINE})", "psnr_p_vs_full", ".2g"),
+    Col(f"hit r=1 − {NO_ATTENTION}", "hit_r1_vs_none", "+.3f"),
+    Col(f"p (hit r=1 vs {NO_ATTENTION})", "hit_r1_p_vs_none", ".2g"),
+    Col(f"hit r=1 − {BASELINE}", "hit_r1_vs_full", "+.3f"),
+    Col(f"p (hit r=1 vs {BASELINE})", "hit_r1_p_vs_full", ".2g"),
+]
+COPYING_COLS = TRAIN_COLS + COMPARISON_COLS
+HIT_RATES = {"hit_r1": "largest", "hit_r2": "largest_r2"}  # record key: key in copy_hit_rate
+TRAIN_METRICS = ("test_l1", "ssim", "psnr", "lpips", "fid", *HIT_RATES)
+TESTED_METRICS = ("psnr", "hit_r1")  # compared with each reference by Welch's t-test
+REFERENCES = {NO_ATTENTION: "none", BASELINE: "full"}  # implementation: its name in record keys
 REASON_SPLIT = re.compile(r";\s+(?=\w+: )")  # "lpips: ...; fid: ..." -> one reason per metric
+
+
+def metric(row: dict, key: str) -> float | None:
+    """A run's value of a :data:`TRAIN_METRICS` key; the hit rates are those of the largest
+    decoder level in its ``copy_hit_rate`` (None in failed runs and in rows written before the
+    hit rate was measured)."""
+    if key in HIT_RATES:
+        return (row.get("copy_hit_rate") or {}).get(HIT_RATES[key])
+    return row.get(key)
 
 
 def train_record(label: str, runs: list[dict]) -> dict:
@@ -560,7 +611,9 @@ def train_record(label: str, runs: list[dict]) -> dict:
     ok = [r for r in runs if r["status"] == "ok"]
     record: dict = {"label": label, "runs": f"{len(ok)}/{len(runs)}"}
     for key in TRAIN_METRICS:
-        record[key], record[f"{key}_std"] = mean_std([r.get(key) for r in ok])
+        record[key], record[f"{key}_std"] = mean_std([metric(r, key) for r in ok])
+    record["steps_done"] = mean_std([r.get("steps") for r in ok])[0]
+    record["train_s"] = mean_std([r.get("train_time_s") for r in ok])[0]
     record["attn_mib"] = mib(mean_std([r.get("attn_mem_bytes") for r in ok])[0])
     step = mean_std([r.get("step_time_s") for r in ok])[0]
     record["step_ms"] = None if step is None else 1000 * step
@@ -569,21 +622,105 @@ def train_record(label: str, runs: list[dict]) -> dict:
     return record
 
 
+def welch(values: list, reference: list) -> tuple[float | None, float | None]:
+    """Difference of the means of the non-null ``values`` and ``reference``, and the p-value of
+    Welch's t-test (unequal variances) that the two means are equal.
+
+    The p-value is None with fewer than two values on either side, or without spread on both.
+    """
+    values = [v for v in values if v is not None]
+    reference = [v for v in reference if v is not None]
+    if not values or not reference:
+        return None, None
+    difference = statistics.fmean(values) - statistics.fmean(reference)
+    if min(len(values), len(reference)) < 2 or len(set(values)) == len(set(reference)) == 1:
+        return difference, None  # the test needs two values a side, and spread on one
+    return difference, float(stats.ttest_ind(values, reference, equal_var=False).pvalue)
+
+
+def comparisons(runs: list[dict], references: dict[str, list[dict]]) -> dict:
+    """:data:`TESTED_METRICS` of one method's ok runs against each reference's (:func:`welch`);
+    empty for a reference itself and where the reference has no runs."""
+
+    def values(rs: list[dict], key: str) -> list:
+        return [metric(r, key) for r in rs if r["status"] == "ok"]
+
+    record = {}
+    for impl, reference in references.items():
+        itself = bool(reference) and method_of(reference[0]) == method_of(runs[0])
+        name = REFERENCES[impl]
+        for key in TESTED_METRICS:
+            difference, p = (
+                (None, None) if itself else welch(values(runs, key), values(reference, key))
+            )
+            record[f"{key}_vs_{name}"], record[f"{key}_p_vs_{name}"] = difference, p
+    return record
+
+
+def shared_generator(part: list[dict]) -> dict:
+    """The generator overrides every run of a training section has (named in its heading)."""
+    if not part:
+        return {}
+    first, *others = map(generator_of, part)
+    return {k: v for k, v in first.items() if all(k in o and o[k] == v for o in others)}
+
+
+def own_generator(row: dict, shared: dict) -> dict:
+    """A run's generator overrides beyond those its section shares."""
+    return {k: v for k, v in generator_of(row).items() if k not in shared}
+
+
+def train_label(row: dict, shared: dict) -> str:
+    """The label of a training run's method: its implementation's, followed by its own
+    generator overrides (``none (no copying at any level)``: the paper's NO)."""
+    own = own_generator(row, shared)
+    notes = []
+    if row["impl"] == NO_ATTENTION and own.get("small_attention") == NO_ATTENTION:
+        del own["small_attention"]
+        notes.append("no copying at any level")
+    if own:
+        notes.append(params_text(own))
+    return f"{row['label']} ({', '.join(notes)})" if notes else row["label"]
+
+
+def train_methods(part: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The methods of a training section in report order, each with its label and runs."""
+    shared = shared_generator(part)
+    methods = sorted(by_method(part).values(), key=lambda runs: method_rank(runs[0]))
+    return [(train_label(runs[0], shared), runs) for runs in methods]
+
+
+def reference_runs(part: list[dict]) -> dict[str, list[dict]]:
+    """The runs of each of :data:`REFERENCES` in a training section, without parameters or
+    generator overrides of their own: what its methods are compared with."""
+    methods = by_method(part)
+    shared = params_text(shared_generator(part))
+    return {impl: methods.get((impl, "", shared), []) for impl in REFERENCES}
+
+
 def train_heading(suite: str, part: list[dict], machine: tuple) -> tuple[str, dict]:
-    """Heading and CSV context of a training section; steps as the finished runs record them."""
+    """Heading and CSV context of a training section: steps as the finished runs were given
+    them (``max_steps``; ``steps`` in rows written before runs could stop early), the time
+    budget, and the generator overrides every run shares."""
     first = part[0]
-    steps = sorted({r["steps"] for r in part if r["status"] == "ok" and r.get("steps")})
+    ok = [r for r in part if r["status"] == "ok" and r.get("steps")]
+    steps = sorted({r.get("max_steps") or r["steps"] for r in ok})
+    budgets = sorted({r["budget_minutes"] for r in part if r.get("budget_minutes")})
     context = {
         "machine": machine_name(machine),
         "suite": suite,
         "task": first.get("task"),
         "preset": first.get("preset"),
         "steps": "/".join(map(str, steps)) or None,
+        "budget_minutes": "/".join(f"{m:g}" for m in budgets) or None,
         "batch": first.get("batch"),
+        "generator": params_text(shared_generator(part)) or None,
     }
+    budget = f" or {context['budget_minutes']} min of training" if budgets else ""
+    generator = f", generator {context['generator']}" if context["generator"] else ""
     heading = (
-        f"{suite}: {context['task']} task, preset {context['preset']}, {context['steps']} steps, "
-        f"batch {context['batch']} — {machine_name(machine)}"
+        f"{suite}: {context['task']} task, preset {context['preset']}, {context['steps']} steps"
+        f"{budget}, batch {context['batch']}{generator} — {machine_name(machine)}"
     )
     return heading, context
 
@@ -604,12 +741,14 @@ def reasons_of(runs: list[dict]) -> list[str]:
 
 
 def copying_table(rows: list[dict]) -> Table:
-    """Held-out metrics as mean ± std over seeds, attention memory and step time."""
+    """Held-out metrics and copy hit rates as mean ± std over seeds, their differences from
+    ``none`` and ``full.sdpa`` with Welch's t-test, steps, time and memory."""
     sections = []
     for key, part in partition(train_rows(rows), train_key):
+        references = reference_runs(part)
         records = [
-            train_record(runs[0]["label"], runs)
-            for runs in sorted(by_method(part).values(), key=lambda runs: method_rank(runs[0]))
+            train_record(label, runs) | comparisons(runs, references)
+            for label, runs in train_methods(part)
         ]
         heading, context = train_heading(key[1], part, key[0])
         sections.append(Section(heading, context, records, notes=reasons_of(part)))
@@ -617,9 +756,17 @@ def copying_table(rows: list[dict]) -> Table:
         "copying",
         "Training: copying through attention",
         "Held-out metrics after training, mean ± sample standard deviation over seeds (runs "
-        "that diverged or failed are counted in 'runs ok' and left out of the means); attention "
-        "memory is the peak of the attention blocks alone at batch 1; step time is the mean over "
-        "seeds of each run's median training step.",
+        "that diverged or failed are counted in 'runs ok' and left out of the means). The copy "
+        "hit rate is the share of the largest decoder level's attention mass within 1 (r=1) or "
+        "2 pixels (r=2) of each query's true source. Steps done and training time (the sum of "
+        "the steps) are means over seeds: a run with a time budget may stop before its steps. "
+        "Attention memory is the peak of the attention blocks alone at batch 1; step time is "
+        "the mean over seeds of each run's median training step. The last columns compare PSNR "
+        f"and the hit rate at r=1 with `{NO_ATTENTION}` and `{BASELINE}`: the difference of the "
+        "means and the p-value of Welch's t-test (unequal variances; empty with fewer than two "
+        "seeds on either side, or no spread on both). A method with its own generator overrides "
+        f"(such as `{NO_ATTENTION} (no copying at any level)`, the paper's NO) is a method of its "
+        "own.",
         COPYING_COLS,
         sections,
     )
@@ -642,23 +789,27 @@ def topk_of(row: dict) -> int | None:
 
 
 def kappa_groups(rows: list[dict]) -> list[tuple[tuple, list]]:
-    """GPA rows by everything but κ; only groups with at least two values of κ."""
+    """GPA rows by everything but κ (other parameters, and generator overrides beyond those
+    all share); only groups with at least two values of κ."""
+    gpa = [r for r in rows if r["impl"].startswith("gpa.") and topk_of(r) is not None]
+    shared = shared_generator(gpa)
 
     def rest(r: dict) -> str:
-        return params_text({k: v for k, v in (r.get("params") or {}).items() if k != "topk"})
+        fixed = {k: v for k, v in (r.get("params") or {}).items() if k != "topk"}
+        return params_text(fixed | own_generator(r, shared))
 
-    gpa = [r for r in rows if r["impl"].startswith("gpa.") and topk_of(r) is not None]
     groups = partition(gpa, lambda r: (r["impl"], rest(r)))
     return [(key, part) for key, part in groups if len({topk_of(r) for r in part}) >= 2]
 
 
 KAPPA_TRAIN_COLS = [Col("κ", "topk", "d")] + [
-    c for c in COPYING_COLS if c.key not in ("label", "n_params")
+    c for c in TRAIN_COLS if c.key not in ("label", "n_params")
 ]
 KAPPA_FIDELITY_COLS = [
     Col("κ", "topk", "d"),
     Col("implementation", "label"),
     Col("map", "map"),
+    SHARPNESS_COL,
     *ERROR_COLS,
 ]
 
@@ -699,6 +850,7 @@ def kappa_fidelity_table(rows: list[dict]) -> Table:
                     "topk": topk_of(r),
                     "label": r["label"],
                     "map": map_text(r),
+                    "sharpness": r.get("sharpness"),
                     "rel_err_out": r.get("rel_err_out"),
                     "rel_err_grad": r.get("rel_err_grad"),
                     "copy_psnr": r.get("copy_psnr"),
@@ -747,6 +899,8 @@ def case_text(row: dict) -> str:
     parts = [map_text(row), f"C={row['channels']}"]
     if row.get("inputs"):
         parts.append(str(row["inputs"]))
+    if row.get("sharpness") is not None:
+        parts.append(f"sharpness {row['sharpness']:g}")
     return ", ".join(parts)
 
 
