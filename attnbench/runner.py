@@ -25,7 +25,7 @@ from attnbench.spec import AttentionSpec
 from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, expand_train
 
 EXTRA_KEYS = (
-    "v_channels", "inputs", "directions", "time_fwd_first_ms", "time_fwdbwd_iqr_ms",
+    "v_channels", "inputs", "sharpness", "directions", "time_fwd_first_ms", "time_fwdbwd_iqr_ms",
     "time_fwdbwd_first_ms", "time_phase1_ms", "mem_predicted_bytes", "warnings",
 )  # fmt: skip
 
@@ -99,6 +99,7 @@ def empty_row(case: MicroCase, ctx: dict) -> dict:
         channels=case.channels,
         v_channels=case.v_channels,
         inputs=case.family,
+        sharpness=case.sharpness if case.family == "warp-match" else None,
         directions=list(case.directions),
         warnings=[],
     )
@@ -180,7 +181,7 @@ def measure_case(
         notes.append("fwdbwd not measured: " + "; ".join(bwd_reasons))
     device, dtype = spec.device, spec.dtype
     try:
-        inputs = make_inputs(case.family, spec, case.seed)
+        inputs = make_inputs(case.family, spec, case.seed, case.sharpness)
         q, k, v = (t.to(device=device, dtype=dtype) for t in (inputs.q, inputs.k, inputs.v))
         if "fwd" in case.directions:
             with torch.no_grad():
@@ -448,6 +449,7 @@ def summary_table(rows: list[dict]) -> str:
             "kv map": f"{r['kv_h']}x{r['kv_w']}",
             "C": r["channels"],
             "inputs": r.get("inputs"),
+            "sharpness": r.get("sharpness"),
             "status": r["status"],
             "fwd ms": r.get("time_fwd_ms"),
             "fwd+bwd ms": r.get("time_fwdbwd_ms"),

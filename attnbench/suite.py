@@ -2,8 +2,8 @@
 
 A micro suite declares what to measure; its cases are the product of the implementations
 (a list value in ``params`` sweeps that parameter), the maps, the channels and the input
-families. Errors name the file, the key path and what is allowed; ``attnbench validate``
-reports them without running anything.
+families, warp-match at each ``sharpness``. Errors name the file, the key path and what is
+allowed; ``attnbench validate`` reports them without running anything.
 
     name: quick                 # default: the file's stem
     kind: micro
@@ -17,7 +17,8 @@ reports them without running anything.
     channels: [64]
     directions: [fwd, fwdbwd]
     metrics: [time, memory, fidelity]
-    inputs: [gaussian]
+    inputs: [gaussian, warp-match]
+    sharpness: [1.0, 4.0]       # warp-match only: its features multiplied by s
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CONFIG = ConfigDict(extra="forbid", strict=False)
 PositiveInt = Annotated[int, Field(ge=1)]
 Direction = Literal["fwd", "fwdbwd"]
 Metric = Literal["time", "memory", "fidelity"]
-Family = Literal["gaussian", "smooth", "warp-copy"]
+Family = Literal["gaussian", "smooth", "warp-copy", "warp-match"]
 DType = Literal["float16", "bfloat16", "float32", "float64"]
 
 
@@ -99,6 +100,7 @@ class MicroSuite:
     directions: Annotated[tuple[Direction, ...], Field(min_length=1)] = ("fwd", "fwdbwd")
     metrics: Annotated[tuple[Metric, ...], Field(min_length=1)] = ("time", "memory")
     inputs: Annotated[tuple[Family, ...], Field(min_length=1)] = ("gaussian",)
+    sharpness: Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=1)] = (1.0,)
     timing: TimingConfig = TimingConfig()
     memory_budget: Annotated[float, Field(gt=0, le=1)] = 0.7
     seed: int = 0
@@ -122,10 +124,10 @@ class MicroSuite:
                 out.append(item)
         return out
 
-    @field_validator("channels", "directions", "metrics", "inputs", mode="before")
+    @field_validator("channels", "directions", "metrics", "inputs", "sharpness", mode="before")
     @classmethod
     def _scalar_to_list(cls, value):
-        return [value] if isinstance(value, int | str) else value
+        return [value] if isinstance(value, int | float | str) else value
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -214,7 +216,13 @@ SUITE_TYPES = {"micro": MicroSuite, "train": TrainSuite}
 
 
 class CaseIdentity:
-    """What every case has: its parameters as a dict and a stable id."""
+    """What every case has: its parameters as a dict and a stable id.
+
+    ``UNHASHED_DEFAULTS``: fields added after cases were first run, with their default values;
+    a case that holds the default hashes as it did before the field existed.
+    """
+
+    UNHASHED_DEFAULTS: typing.ClassVar[dict[str, Any]] = {}
 
     @property
     def params_dict(self) -> dict[str, Any]:
@@ -225,13 +233,19 @@ class CaseIdentity:
         """Stable hash of everything that determines the case (the suite's name excluded)."""
         config = dataclasses.asdict(self)
         config.pop("suite")
+        for key, default in self.UNHASHED_DEFAULTS.items():
+            if config[key] == default:
+                del config[key]
         text = json.dumps(config, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
 class MicroCase(CaseIdentity):
-    """One measured configuration: an implementation with resolved parameters on one input."""
+    """One measured configuration: an implementation with resolved parameters on one input;
+    ``sharpness`` is warp-match's (1.0 for the other families)."""
+
+    UNHASHED_DEFAULTS: typing.ClassVar[dict[str, Any]] = {"sharpness": 1.0}
 
     suite: str
     impl: str
@@ -248,6 +262,7 @@ class MicroCase(CaseIdentity):
     metrics: tuple[str, ...]
     family: str
     seed: int
+    sharpness: float = 1.0
 
 
 def _loc_text(loc: tuple) -> str:
@@ -443,6 +458,7 @@ def generator_config(preset_name: str, overrides: dict[str, Any]):
 def check_suite(suite: Suite, file: str) -> list[str]:
     """What the schema cannot see: implementation names, parameter values, combinations."""
     from attnbench import registry
+    from attnbench.inputs import WARP_FAMILIES
 
     problems = []
     try:
@@ -487,10 +503,23 @@ def check_suite(suite: Suite, file: str) -> list[str]:
         problems += [f"{where}.params: {e}" for e in combination_errors]
     if isinstance(suite, TrainSuite):
         return problems + check_train_suite(suite, file)
-    if "warp-copy" in suite.inputs and suite.v_channels not in (None, 3):
+    warp = [family for family in suite.inputs if family in WARP_FAMILIES]
+    if warp and suite.v_channels not in (None, 3):
         problems.append(
-            f"{file}: v_channels: {suite.v_channels} cannot be used with inputs 'warp-copy' "
-            "(its values are RGB pixels: v_channels 3, or leave it unset)"
+            f"{file}: v_channels: {suite.v_channels} cannot be used with inputs "
+            f"{', '.join(map(repr, warp))} (their values are RGB pixels: v_channels 3, or leave "
+            "it unset)"
+        )
+    if "warp-match" not in suite.inputs and suite.sharpness != (1.0,):
+        problems.append(
+            f"{file}: sharpness: {list(suite.sharpness)} applies to warp-match inputs only, "
+            f"which inputs does not list (add 'warp-match' to inputs, or leave sharpness unset: "
+            "[1.0])"
+        )
+    if "warp-match" in suite.inputs and min(suite.channels) < 2:
+        problems.append(
+            f"{file}: channels: {min(suite.channels)} cannot be used with inputs 'warp-match' "
+            "(it needs a feature channel besides its distance channel: channels >= 2)"
         )
     if set(suite.inputs) != {"gaussian"} and "fidelity" not in suite.metrics:
         problems.append(
@@ -502,17 +531,17 @@ def check_suite(suite: Suite, file: str) -> list[str]:
 
 def expand(suite: MicroSuite, device: str) -> list[MicroCase]:
     """The cases of ``suite`` on ``device``, in a deterministic order."""
+    from attnbench.inputs import WARP_FAMILIES
+
     cases = []
     for entry in suite.implementations:
         for combo in sweep(entry.params):
             for size in suite.maps:
                 for c in suite.channels:
                     for family in suite.inputs:
-                        if family == "warp-copy":
-                            cv = 3
-                        else:
-                            cv = suite.v_channels or c
-                        cases.append(
+                        cv = 3 if family in WARP_FAMILIES else suite.v_channels or c
+                        sharpness = suite.sharpness if family == "warp-match" else (1.0,)
+                        cases += [
                             MicroCase(
                                 suite=suite.name,
                                 impl=entry.name,
@@ -529,8 +558,10 @@ def expand(suite: MicroSuite, device: str) -> list[MicroCase]:
                                 metrics=tuple(suite.metrics),
                                 family=family,
                                 seed=suite.seed,
+                                sharpness=s,
                             )
-                        )
+                            for s in sharpness
+                        ]
     return cases
 
 

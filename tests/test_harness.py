@@ -1,6 +1,8 @@
 """Suites, the runner and result rows: validation, rows, resume, shards, failures as rows."""
 
+import dataclasses
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -9,11 +11,14 @@ import pytest
 import torch
 
 from attnbench import cli, registry, runner
+from attnbench.inputs import make_inputs
 from attnbench.registry import Attention, register
 from attnbench.results import MICRO_KEYS, REQUIRED_KEYS, append_row, read_rows
+from attnbench.spec import AttentionSpec
 from attnbench.suite import SuiteError, expand, load_suite
 
-SUITES = sorted((Path(__file__).resolve().parents[1] / "suites").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = sorted((ROOT / "suites").glob("*.yaml"))
 
 SMALL = """
 kind: micro
@@ -69,6 +74,11 @@ def test_validate_names_a_misspelled_key(tmp_path, capsys):
         (
             ("metrics: [time, memory, fidelity]", "metrics: [time]\ninputs: [smooth]"),
             "inputs: ['smooth'] only change the fidelity metric",
+        ),
+        (
+            ("channels: [8]", "channels: [8]\nsharpness: [1.0, 4.0]"),
+            "sharpness: [1.0, 4.0] applies to warp-match inputs only, which inputs does not list "
+            "(add 'warp-match' to inputs, or leave sharpness unset: [1.0])",
         ),
     ],
 )
@@ -254,6 +264,72 @@ def test_warp_copy_reports_copy_psnr(tmp_path):
     _, (sdpa, none) = run(write(tmp_path, text), tmp_path)
     assert sdpa["v_channels"] == 3 and sdpa["rel_err_out"] < 1e-5
     assert sdpa["copy_psnr"] > none["copy_psnr"] + 5, (sdpa["copy_psnr"], none["copy_psnr"])
+
+
+def test_warp_match_sweeps_sharpness_and_rows_record_it(tmp_path):
+    text = (
+        "implementations: [{name: full.sdpa}]\nmaps: [16]\nchannels: [16]\ndirections: [fwd]\n"
+        "metrics: [fidelity]\ninputs: [gaussian, warp-copy, warp-match]\nsharpness: [1.0, 4.0]\n"
+    )
+    _, rows = run(write(tmp_path, text), tmp_path)
+    assert [(r["inputs"], r["sharpness"]) for r in rows] == [
+        ("gaussian", None),
+        ("warp-copy", None),
+        ("warp-match", 1.0),
+        ("warp-match", 4.0),
+    ]
+    assert len({r["case_id"] for r in rows}) == 4
+    match = rows[2:]
+    assert all(r["v_channels"] == 3 and r["rel_err_out"] < 1e-5 for r in match)
+    assert match[1]["copy_psnr"] > match[0]["copy_psnr"]
+
+
+def test_warp_match_scores_are_distances_of_warp_copy_features():
+    # q.k / sqrt(C) is -s^2 |f_q - f_k|^2 / (2 sqrt(C - 1)) up to a term of the query alone, f
+    # warp-copy's features with C - 1 channels; source, warp and values are warp-copy's.
+    spec = AttentionSpec.square(8, 6, v_channels=3, batch=2)
+    match = make_inputs("warp-match", spec, 3, sharpness=2.5)
+    copy = make_inputs("warp-copy", dataclasses.replace(spec, channels=5), 3)
+    scores = match.q @ match.k.transpose(-1, -2) / math.sqrt(6)
+    distances = -(2.5**2) * torch.cdist(copy.q, copy.k) ** 2 / (2 * math.sqrt(5))
+    torch.testing.assert_close(scores.softmax(-1), distances.softmax(-1))
+    for name in ("v", "target", "valid"):
+        assert torch.equal(getattr(match, name), getattr(copy, name)), name
+    with pytest.raises(ValueError, match="only warp-match has a sharpness"):
+        make_inputs("warp-copy", spec, 3, sharpness=2.5)
+
+
+def test_sharper_warp_match_lets_exact_attention_copy_at_30_db():
+    # Measured on 64x64, C = 64 (seeds 0, 1, 2): about 22 dB at s = 1, 30-32 dB at s = 2.5 and
+    # 31-34 dB at s = 4; warp-copy's dot-product scores stay near 19 dB.
+    spec = AttentionSpec.square(64, 64, v_channels=3)
+    sdpa = registry.create("full.sdpa")
+    psnr = {
+        s: runner.measure_fidelity(sdpa, make_inputs("warp-match", spec, 0, s), spec, False)[
+            "copy_psnr"
+        ]
+        for s in (1.0, 2.5, 4.0)
+    }
+    assert psnr[1.0] + 5 < min(psnr[2.5], psnr[4.0]), psnr
+    assert psnr[4.0] >= 30, psnr
+
+
+def test_committed_case_ids_stay_valid():
+    # sharpness is left out of the hash at its default: the committed rows keep their ids.
+    committed = read_rows([ROOT / "results" / "raw" / "fidelity-cpu.jsonl"])
+    cases = expand(load_suite(ROOT / "suites" / "fidelity.yaml"), "cpu")
+
+    def key(impl: str, params: dict, side: int, family: str) -> tuple:
+        return impl, json.dumps(params, sort_keys=True), side, family
+
+    ids = {key(c.impl, c.params_dict, c.q_hw[0], c.family): c.case_id for c in cases}
+    for row in committed:
+        assert ids[key(row["impl"], row["params"], row["q_h"], row["inputs"])] == row["case_id"]
+    assert {r["inputs"] for r in committed} == {"gaussian", "smooth", "warp-copy"}
+    sharp = [c for c in cases if c.family == "warp-match"]
+    warp_copy = [r for r in committed if r["inputs"] == "warp-copy"]  # every method and map
+    assert len(sharp) == 3 * len(warp_copy) and {c.sharpness for c in sharp} == {1.0, 2.5, 4.0}
+    assert not {c.case_id for c in sharp} & {r["case_id"] for r in committed}
 
 
 def test_cli_run_prints_a_summary(tmp_path, capsys):

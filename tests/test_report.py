@@ -19,6 +19,8 @@ from attnbench.report import load, write_report
 from attnbench.report.tables import (
     all_tables,
     copying_table,
+    fidelity_table,
+    kappa_fidelity_table,
     kappa_training_table,
     machine_name,
     markdown_table,
@@ -418,3 +420,49 @@ def test_plots_of_two_partitions_of_one_suite_get_two_files(tmp_path):
     written = write_report(rows, tmp_path)
     names = sorted(p.name for p in written if p.name.startswith("t-memory-vs-l1"))
     assert names == ["t-memory-vs-l1-2.png", "t-memory-vs-l1.png"]
+
+
+def test_fidelity_keeps_warp_match_sharpnesses_apart():
+    from attnbench.report.plots import fidelity_vs_memory
+
+    def scored(impl: str, inputs: str, sharpness: float | None, psnr: float | None, **params):
+        return micro_row(
+            impl,
+            64,
+            None,
+            None,
+            case_id=f"{impl}-{params}-{inputs}-{sharpness}",
+            status="ok",
+            reason=None,
+            params=params,
+            inputs=inputs,
+            sharpness=sharpness,
+            v_channels=3,
+            rel_err_out=0.1,
+            copy_psnr=psnr,
+            mem_predicted_bytes=2**20,
+        )
+
+    rows = [scored("full.sdpa", "warp-copy", None, 19.0)]
+    for sharpness, psnr in ((4.0, 32.0), (1.0, 22.0)):
+        rows.append(scored("full.sdpa", "warp-match", sharpness, psnr))
+        rows += [scored("gpa.torch", "warp-match", sharpness, psnr - k, topk=k) for k in (8, 4)]
+    table = fidelity_table(rows)
+    copy, match = table.sections
+    assert [(r["sharpness"], r["copy_psnr"]) for r in match.records] == [
+        (1.0, 22.0), (1.0, 18.0), (1.0, 14.0), (4.0, 32.0), (4.0, 28.0), (4.0, 24.0),
+    ]  # fmt: skip
+    assert "sharpness" not in markdown_table(table.cols, copy.records)
+    assert "| sharpness |" in markdown_table(table.cols, match.records)
+    (kappa,) = kappa_fidelity_table(rows).sections  # GPA only on warp-match
+    assert [(r["sharpness"], r["topk"]) for r in kappa.records] == [
+        (1.0, 4), (1.0, 8), (4.0, 4), (4.0, 8),
+    ]  # fmt: skip
+    ((_, fig),) = fidelity_vs_memory(rows)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "warp-copy inputs",
+        "warp-match inputs, sharpness 1",
+        "warp-match inputs, sharpness 4",
+    ]
+    assert [len(ax.collections) for ax in fig.axes] == [1, 3, 3]

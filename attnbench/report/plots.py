@@ -352,9 +352,7 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
                     if name not in names:
                         handles.append(handle)
                         names.append(name)
-            axes[-1].legend(
-                handles, names, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5)
-            )
+            fig.legend(handles, names, fontsize=8, loc="outside right center")
             where = f"{q_h}x{q_w} map" + (
                 "" if (kv_h, kv_w) == (q_h, q_w) else f", kv {kv_h}x{kv_w}"
             )
