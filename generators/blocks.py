@@ -107,6 +107,8 @@ class AttentionCopy(nn.Module):
         learn_temperature: bool = False,
         temperature_init: float = 1.0,
         affinity: str = "dot",
+        zero_feature_init: bool = False,
+        value_image_channels: int = 0,
     ):
         super().__init__()
         extra = code_channels
@@ -115,7 +117,17 @@ class AttentionCopy(nn.Module):
         qk = attn_channels - (1 if affinity == "euclid" else 0)
         self.query = nn.Conv2d(target_channels + extra, qk, 1)
         self.key = nn.Conv2d(source_channels + extra, qk, 1)
-        self.value = nn.Conv2d(source_channels, attn_channels, 1)
+        self.value = nn.Conv2d(source_channels + value_image_channels, attn_channels, 1)
+        self.value_image_channels = value_image_channels
+        with torch.no_grad():
+            if zero_feature_init:  # the codes alone set the first attention
+                self.query.weight[:, :target_channels].zero_()
+                self.key.weight[:, :source_channels].zero_()
+            if value_image_channels:  # the first copied channels start as the source image
+                n = value_image_channels
+                self.value.weight[:n].zero_()
+                self.value.weight[:n, source_channels:, 0, 0] = torch.eye(n)
+                self.value.bias[:n].zero_()
         self.code_channels = code_channels
         self.euclid = affinity == "euclid"
         self.cosine = affinity == "cosine"
@@ -180,6 +192,7 @@ class AttentionCopy(nn.Module):
         target: torch.Tensor,
         source: torch.Tensor,
         codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The 1x1 convolutions and the attention alone: -> [N, attn_channels, h, w].
 
@@ -188,6 +201,8 @@ class AttentionCopy(nn.Module):
             source: source-branch decoder features [N, source_channels, hs, ws] (keys, values).
             codes: (target code [N, code_channels, h, w], source code [N, code_channels, hs,
                 ws]) read by the query and key convolutions; required when code_channels > 0.
+            image: the source image at the source map's size [N, value_image_channels, hs,
+                ws], read by the value convolution; required when value_image_channels > 0.
         """
         n, _, h, w = target.shape
         hs, ws = source.shape[-2:]
@@ -209,7 +224,15 @@ class AttentionCopy(nn.Module):
             q = torch.cat([2 * q, -torch.ones_like(q[..., :1])], dim=-1)  # (N, 1, h*w, C)
             k = torch.cat([k, k.square().sum(-1, keepdim=True)], dim=-1)  # (N, 1, hs*ws, C)
         q = q * self.log_temperature.exp()
-        v = self._tokens(self.value(source))  # (N, 1, hs*ws, C)
+        v_in = source
+        if self.value_image_channels:
+            if image is None:
+                raise ValueError(
+                    f"this block's values read the source image ({self.value_image_channels} "
+                    "channels): pass image="
+                )
+            v_in = torch.cat([source, image], dim=1)
+        v = self._tokens(self.value(v_in))  # (N, 1, hs*ws, C)
         self.last_shapes = (q.shape, k.shape, v.shape)
         if self.record:
             self.recorded = (q.detach(), k.detach())
@@ -221,9 +244,10 @@ class AttentionCopy(nn.Module):
         target: torch.Tensor,
         source: torch.Tensor,
         codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """cat([target, attention], dim=1): [N, target_channels + attn_channels, h, w]."""
-        return torch.cat([target, self.attention_call(target, source, codes)], dim=1)
+        return torch.cat([target, self.attention_call(target, source, codes, image)], dim=1)
 
     def extra_repr(self) -> str:
         h, w = self.map_size

@@ -23,6 +23,7 @@ SMALL_ATTENTIONS = (EXACT_ATTENTION, "none")
 COORDS = ("none", "qk", "inputs", "pose")
 POSE_CODE_BANDS = 5  # Fourier bands of coords="pose": periods from 2 down to 1/8 of the map
 AFFINITIES = ("dot", "euclid", "cosine")
+COPY_INITS = ("default", "codes", "copy")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class GeneratorConfig:
             implementation's dot product gives -|q - k|² plus a constant per query; or
             "cosine" (Swin V2's scaled cosine attention): unit-length q and k scaled so that
             every implementation's scores are the temperature times cos(q, k).
+        copy_init: how the copying blocks' query and key convolutions start: "default"
+            (PyTorch's), or "codes": zero weights on the decoder features, so that the
+            positional codes alone (``coords`` "qk" or "pose") set the first attention and the
+            features join as they earn it; or "copy": "codes", and the value convolutions also
+            read the source image averaged to their level, their first channels start as that
+            image and every level's toRGB starts adding them with weight 1 / levels, so that
+            what attention copies reaches the output from the first step (trained apart, a
+            copying block whose values and decoder must first learn to carry colour copied at a
+            seventh of the rate of one whose values start as the pixels).
     """
 
     image_size: tuple[int, int]
@@ -82,6 +92,7 @@ class GeneratorConfig:
     learn_temperature: bool = False
     temperature_init: float = 1.0
     affinity: str = "dot"
+    copy_init: str = "default"
 
     def __post_init__(self) -> None:
         # Normalise lists (from YAML or JSON) to tuples so the config stays hashable.
@@ -119,6 +130,15 @@ class GeneratorConfig:
         if self.coords not in COORDS:
             raise ValueError(
                 f"coords={self.coords!r} is not allowed (allowed: {', '.join(COORDS)})"
+            )
+        if self.copy_init not in COPY_INITS:
+            raise ValueError(
+                f"copy_init={self.copy_init!r} is not allowed (allowed: {', '.join(COPY_INITS)})"
+            )
+        if self.copy_init != "default" and not self.code_channels:
+            raise ValueError(
+                f"copy_init={self.copy_init!r} needs positional codes (coords 'qk' or 'pose'; got "
+                f"coords={self.coords!r})"
             )
         if self.affinity not in AFFINITIES:
             raise ValueError(

@@ -145,12 +145,19 @@ class CopyingGenerator(nn.Module):
                     learn_temperature=config.learn_temperature,
                     temperature_init=config.temperature_init,
                     affinity=config.affinity,
+                    zero_feature_init=config.copy_init in ("codes", "copy"),
+                    value_image_channels=config.image_channels if config.copy_init == "copy" else 0,
                 )
             )
         self.copies = nn.ModuleList(copies)
         self.to_rgb = nn.ModuleList(
             nn.Conv2d(c[i] + a, config.image_channels, 1) for i in range(config.levels)
         )
+        if config.copy_init == "copy":  # each level adds its copied image, 1 / levels each
+            n = config.image_channels
+            with torch.no_grad():
+                for i, to_rgb in enumerate(self.to_rgb):
+                    to_rgb.weight[:, c[i] : c[i] + n, 0, 0] = torch.eye(n) / config.levels
 
     def _check_inputs(self, source_image, source_pose, target_pose) -> None:
         h, w = self.config.image_size
@@ -193,7 +200,11 @@ class CopyingGenerator(nn.Module):
         for i, copy in enumerate(self.copies):
             s = self.source_decoder.level(i, s, src_skips[i])  # (N, c[i], h, w)
             t = self.target_decoder.level(i, t, tgt_skips[i])  # (N, c[i], h, w)
-            t = copy(t, s, self.codes(t, s, source_pose, target_pose))  # (N, c[i] + a, h, w)
+            codes = self.codes(t, s, source_pose, target_pose)
+            image = None
+            if copy.value_image_channels:
+                image = F.adaptive_avg_pool2d(source_image, tuple(s.shape[-2:]))
+            t = copy(t, s, codes, image)  # (N, c[i] + a, h, w)
             level_rgb = self.to_rgb[i](t)  # (N, image_channels, h, w)
             rgb = level_rgb if rgb is None else upsample2(rgb) + level_rgb
         return rgb
@@ -234,7 +245,7 @@ class CopyingGenerator(nn.Module):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Random (target, source, codes) inputs for every block's ``attention_call``.
+        """Random (target, source, codes, image) inputs for every block's ``attention_call``.
 
         Measure the paper's "attention memory" (all copying blocks, batch 1, forward and
         backward) by running ``block.attention_call(*inputs[name])`` and backward for each
@@ -258,7 +269,15 @@ class CopyingGenerator(nn.Module):
                     ).to(device=device, dtype=dtype)
                     for x in (target, source)
                 )
-            inputs[name] = (target, source, codes)
+            image = None
+            if block.value_image_channels:
+                image = torch.rand(
+                    source.shape[0],
+                    block.value_image_channels,
+                    *source.shape[2:],
+                    generator=generator,
+                ).to(device=device, dtype=dtype)
+            inputs[name] = (target, source, codes, image)
         return inputs
 
     def unsupported_reasons(

@@ -1,6 +1,8 @@
 """The attention-copying generator (Jetchev et al. 2021, arXiv 2107.03742): shapes, which
 attention each level uses, the ``none`` baseline, gradient flow, presets and errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -205,3 +207,89 @@ def test_config_and_input_errors():
     image, pose, target_pose = inputs(TINY)
     with pytest.raises(ValueError, match=r"target_pose has shape \(2, 3, 32, 32\)"):
         model(image, pose, image)
+
+
+def test_no_copying_at_any_level():
+    model = CopyingGenerator(dataclasses.replace(TINY, small_attention="none"), "none")
+    assert {block.attention_name for _, block in model.attention_blocks()} == {"none"}
+    assert model.n_params() == CopyingGenerator(TINY, "none").n_params()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("small_attention", "gpa.torch", "allowed: full.sdpa, none"),
+        ("coords", "xy", "allowed: none, qk, inputs, pose"),
+        ("affinity", "l1", "allowed: dot, euclid, cosine"),
+        ("copy_init", "codes", "needs positional codes"),
+        ("temperature_init", 0.0, "a number > 0"),
+    ],
+)
+def test_copy_options_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **{field: value})
+
+
+def block_scores(config, target, source, codes=None):
+    """The softmax weights a tiny copying block applies, from its recorded q and k."""
+    torch.manual_seed(0)
+    (_, block), *_ = CopyingGenerator(config, "full.sdpa").attention_blocks()
+    block.record = True
+    block.attention_call(target, source, codes)
+    q, k = block.recorded
+    return block, q, k, block.attention.weights(q, k, block.map_size, block.map_size)
+
+
+@pytest.mark.parametrize("affinity", ["euclid", "cosine"])
+def test_block_affinities_reach_every_implementation_as_dot_products(affinity):
+    config = dataclasses.replace(TINY, affinity=affinity, temperature_init=2.0)
+    g = torch.Generator().manual_seed(1)
+    target, source = torch.randn(2, 1, 16, 4, 4, generator=g)
+    block, q, k, weights = block_scores(config, target, source)
+    assert q.shape[-1] == k.shape[-1] == config.attn_channels, "32-wide kernels keep 32 channels"
+    q_raw = block._tokens(block.query(target))  # (1, 1, 16, C or C - 1)
+    k_raw = block._tokens(block.key(source))
+    if affinity == "euclid":
+        scores = -2.0 * torch.cdist(q_raw, k_raw).square() / config.attn_channels**0.5
+    else:
+        cos = torch.nn.functional.normalize(q_raw, dim=-1) @ torch.nn.functional.normalize(
+            k_raw, dim=-1
+        ).transpose(-1, -2)
+        scores = 2.0 * cos
+    torch.testing.assert_close(weights, scores.softmax(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_copy_init_starts_by_copying_the_source_image():
+    config = dataclasses.replace(TINY, pose_channels=2, coords="pose", copy_init="copy")
+    torch.manual_seed(0)
+    model = CopyingGenerator(config, "full.sdpa")
+    for name, block in model.attention_blocks():
+        assert not block.query.weight[:, : block.target_channels].any(), name
+        assert not block.key.weight[:, : block.source_channels].any(), name
+    image = torch.rand(1, 3, 32, 32)
+    (_, block), *_ = model.attention_blocks()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(image, block.map_size)
+    values = block.value(torch.cat([torch.randn(1, block.source_channels, 4, 4), pooled], 1))
+    torch.testing.assert_close(values[:, :3], pooled)
+    for i, to_rgb in enumerate(model.to_rgb):  # each level adds a quarter of its copied image
+        c = config.channels[i]
+        torch.testing.assert_close(to_rgb.weight[:, c : c + 3, 0, 0], torch.eye(3) / 4)
+
+
+def test_pose_codes_are_fourier_features_of_the_pose_coordinates():
+    from attnbench.data import coordinate_map
+    from attnbench.generators.blocks import fourier_features
+
+    config = dataclasses.replace(TINY, pose_channels=2, coords="pose")
+    model = CopyingGenerator(config, "full.sdpa")
+    grid = coordinate_map((32, 32))[None]  # (1, 2, 32, 32)
+    feats = torch.zeros(1, 16, 4, 4)
+    target_code, source_code = model.codes(feats, feats, source_pose=-grid, target_pose=grid)
+    assert target_code.shape == (1, 20, 4, 4)
+    pooled = coordinate_map((4, 4))[None]  # the 8x8-pixel means of the coordinates
+    torch.testing.assert_close(target_code, fourier_features(pooled, 5))
+    torch.testing.assert_close(source_code, fourier_features(-pooled, 5))
+    # Two codes' dot product peaks where their coordinates agree.
+    code = fourier_features(pooled, 5).flatten(2)[0]  # (20, 16)
+    similarity = code.T @ code  # (16, 16)
+    assert torch.equal(similarity.argmax(dim=1), torch.arange(16))
