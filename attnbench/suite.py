@@ -415,6 +415,7 @@ def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
     from attnbench.generators import PRESETS
 
     problems = []
+    data = suite.data
     if suite.preset not in PRESETS:
         problems.append(
             f"{file}: preset: {suite.preset!r} is not a generator preset "
@@ -427,11 +428,30 @@ def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
             if entry.generator
         ]
         for key, overrides in checks:
+            if "pose_channels" in overrides:
+                problems.append(
+                    f"{file}: {key}.pose_channels: set by the data (allowed: leave it out)"
+                )
+                continue
             try:
-                generator_config(suite.preset, overrides)
+                config = generator_config(suite.preset, overrides)
             except (ValueError, TypeError) as err:
                 problems.append(f"{file}: {key}: {err}")
-    data = suite.data
+                continue
+            if (
+                config.coords == "pose"
+                and data.source != "folder"
+                and data.pose != ("heatmaps+coords")
+            ):
+                problems.append(
+                    f"{file}: {key}.coords: 'pose' reads the pose's coordinate map (allowed: "
+                    "with data.pose: heatmaps+coords, or data.source: folder)"
+                )
+            if suite.temperature_lr is not None and not config.learn_temperature:
+                problems.append(
+                    f"{file}: temperature_lr: {key} has no trainable temperature (allowed: "
+                    "with generator learn_temperature: true)"
+                )
     needs = {"folder": ("root",), "deepfashion": ("root", "annotations")}.get(data.source, ())
     for key in needs:
         if getattr(data, key) is None:
@@ -452,7 +472,10 @@ def generator_config(preset_name: str, overrides: dict[str, Any]):
         raise ValueError(
             f"unknown generator setting {unknown[0]!r} (allowed: {', '.join(sorted(fields))})"
         )
-    return dataclasses.replace(config, **overrides)
+    try:
+        return dataclasses.replace(config, **overrides)
+    except TypeError as err:  # e.g. a number where the field takes a sequence
+        raise ValueError(f"{sorted(overrides)}: {err}") from None
 
 
 def check_suite(suite: Suite, file: str) -> list[str]:
@@ -503,6 +526,11 @@ def check_suite(suite: Suite, file: str) -> list[str]:
         problems += [f"{where}.params: {e}" for e in combination_errors]
     if isinstance(suite, TrainSuite):
         return problems + check_train_suite(suite, file)
+    problems += [
+        f"{file}: implementations[{i}].generator: only train suites have a generator"
+        for i, entry in enumerate(suite.implementations)
+        if entry.generator
+    ]
     warp = [family for family in suite.inputs if family in WARP_FAMILIES]
     if warp and suite.v_channels not in (None, 3):
         problems.append(
@@ -569,6 +597,14 @@ def expand(suite: MicroSuite, device: str) -> list[MicroCase]:
 class TrainCase(CaseIdentity):
     """One training run: an implementation with resolved parameters and one seed."""
 
+    UNHASHED_DEFAULTS: typing.ClassVar[dict[str, Any]] = {
+        "generator": "{}",
+        "budget_minutes": None,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "temperature_lr": None,
+    }
+
     suite: str
     task: str
     impl: str
@@ -591,7 +627,10 @@ class TrainCase(CaseIdentity):
 def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
     """The runs of a training suite: implementations (swept) x seeds, in order."""
     loss = suite.loss if isinstance(suite.loss, str) else json.dumps(suite.loss, sort_keys=True)
-    data = json.dumps(dataclasses.asdict(suite.data), sort_keys=True)
+    data = dataclasses.asdict(suite.data)
+    if data["pose"] == "heatmaps":  # the default hashes as it did before the key existed
+        del data["pose"]
+    data = json.dumps(data, sort_keys=True)
     return [
         TrainCase(
             suite=suite.name,

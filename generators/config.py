@@ -144,7 +144,16 @@ class GeneratorConfig:
             raise ValueError(
                 f"affinity={self.affinity!r} is not allowed (allowed: {', '.join(AFFINITIES)})"
             )
-        if not (isinstance(self.temperature_init, int | float) and self.temperature_init > 0):
+        if not isinstance(self.learn_temperature, bool):
+            raise ValueError(
+                f"learn_temperature={self.learn_temperature!r} is not allowed "
+                "(allowed: true, false)"
+            )
+        if not (
+            isinstance(self.temperature_init, int | float)
+            and not isinstance(self.temperature_init, bool)
+            and self.temperature_init > 0
+        ):
             raise ValueError(
                 f"temperature_init={self.temperature_init!r} is not allowed (allowed: a number > 0)"
             )

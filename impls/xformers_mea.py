@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from attnbench.impls.full import SCALE
+from attnbench.impls.full import SCALE, exact_weights
 from attnbench.registry import Attention, UnsupportedError, register
 from attnbench.spec import AttentionSpec
 
@@ -68,6 +68,9 @@ class XFormersMemoryEfficient(Attention):
         except NotImplementedError as err:
             raise UnsupportedError(self.label, str(err).splitlines()) from err
         return out.transpose(1, 2)  # (B, H, Nq, Cv)
+
+    def dense_weights(self, q, k, spec):
+        return exact_weights(q, k, self.params["scale"], spec.channels)
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
         # Output plus one fp32 log-sum-exp per query; backward adds the input gradients.

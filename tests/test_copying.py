@@ -206,3 +206,32 @@ def test_learning_rate_schedule():
     assert cosine(0, 0) == 1.0 and cosine(50, 0) == pytest.approx(0.5)
     assert cosine(10, 30.0) == pytest.approx(0.5), "time budget half used: half way"
     assert cosine(100, 0) == pytest.approx(0.0)
+
+
+def test_committed_train_case_ids_stay_valid():
+    # Fields added since the committed rows were run hash only when they leave their defaults.
+    from attnbench.suite import expand_train
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    rows = read_rows([os.path.join(root, "results", "raw", "copying-cpu.jsonl")])
+    (suite,) = load_suites(os.path.join(root, "suites", "copying.yaml"))
+    assert {c.case_id for c in expand_train(suite, "cpu")} == {r["case_id"] for r in rows}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("generator: {coords: pose}", "'pose' reads the pose's coordinate map"),
+        ("temperature_lr: 0.01", "has no trainable temperature"),
+        ("generator: {pose_channels: 4}", "set by the data"),
+        ("generator: {channels: 5}", "channels"),
+        ("generator: {learn_temperature: 'no'}", "allowed: true, false"),
+    ],
+)
+def test_bad_training_options_are_named(tmp_path, extra, message):
+    from attnbench.suite import SuiteError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY + extra + "\n")
+    with pytest.raises(SuiteError, match=message):
+        load_suites(path)

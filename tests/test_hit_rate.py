@@ -82,3 +82,17 @@ def test_queries_whose_source_is_outside_do_not_count():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="do not fit"):
         hit_mass(torch.zeros(1, 1, 10, 1024), thetas(1), HW, HW)
+
+
+def test_hit_mass_equals_the_sum_over_all_keys_within_r():
+    # Oracle: every key's distance to the source point, all pairs (what hit_mass avoids).
+    theta = thetas(2, seed=3)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(2, 2, 1024, 1024, generator=g, dtype=torch.float64)
+    points, inside = source_points(theta, HW, HW)
+    distance = torch.cdist(points, pixel_centres(HW).expand(2, 1024, 2))  # (2, Nq, Nk)
+    masses, count = hit_mass(weights, theta, HW, HW)
+    for r in (1, 2):
+        expected = (weights.mean(1) * (distance <= r)).sum(-1)[inside].sum()
+        assert masses[r] == pytest.approx(float(expected), rel=1e-12)
+    assert count == int(inside.sum())

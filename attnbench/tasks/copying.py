@@ -36,6 +36,7 @@ from attnbench.suite import TrainCase, TrainSuite
 
 TEST_SEED = 2**31 - 1  # the held-out set's seed: no training seed draws the same items
 clock = time.perf_counter  # times the training steps (their sum is what a budget limits)
+HIT_RATE_MAX_ENTRIES = 1 << 24  # Nq x Nk of the largest level scored (64x64 maps: 4096²)
 
 
 def world() -> tuple[int, int]:
@@ -217,6 +218,9 @@ def evaluate(model, test_set, loss_fn: Loss, eval_batch: int, device: str) -> tu
 def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str) -> dict:
     """``copy_hit_rate`` of every copying block on the first ``items`` held-out pairs (at most all).
 
+    A level whose dense weights would exceed ``HIT_RATE_MAX_ENTRIES`` per pair (maps above
+    64x64) is not scored: its rates are None.
+
     Returns ``{"largest": r1 of the largest level, "largest_r2": r2 of it, "levels":
     {block name: {"r1": ..., "r2": ...}}}`` (see :mod:`attnbench.tasks.hit_rate`); a level
     whose sources all fall outside the map has None. The weights come from each block's
@@ -225,7 +229,11 @@ def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str) ->
     from attnbench.tasks.hit_rate import RADII, hit_mass
 
     items = min(items, len(test_set))
-    blocks = model.attention_blocks()
+    blocks = [
+        (name, block)
+        for name, block in model.attention_blocks()
+        if (block.map_size[0] * block.map_size[1]) ** 2 <= HIT_RATE_MAX_ENTRIES
+    ]
     sums = {name: dict.fromkeys(RADII, 0.0) for name, _ in blocks}
     counts = dict.fromkeys(sums, 0)
     was_training = model.training
@@ -253,10 +261,13 @@ def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str) ->
             block.record, block.recorded = False, None
         model.train(was_training)
     levels = {
-        name: {f"r{r}": (sums[name][r] / counts[name] if counts[name] else None) for r in RADII}
-        for name in sums
+        name: {
+            f"r{r}": (sums[name][r] / counts[name] if name in counts and counts[name] else None)
+            for r in RADII
+        }
+        for name, _ in model.attention_blocks()
     }
-    largest = levels[blocks[-1][0]]
+    largest = levels[model.attention_blocks()[-1][0]]
     return {"largest": largest["r1"], "largest_r2": largest["r2"], "levels": levels}
 
 
@@ -360,7 +371,7 @@ def train_case(
         if budget_s is not None and elapsed >= budget_s:
             break
         for group in optimiser.param_groups:
-            group["lr"] = schedule(step, elapsed) * group["lr_factor"]
+            group["lr"] = schedule(step, elapsed) * group.get("lr_factor", 1.0)
         tic = clock()
         batch = collate(batch_items(train_set, step, suite.batch, rank, world_size), device)
         out = net(batch["source"], batch["source_pose"], batch["target_pose"])
@@ -375,6 +386,10 @@ def train_case(
         optimiser.step()
         step_times.append(clock() - tic)
         elapsed += step_times[-1]
+        if world_size > 1:  # one clock for all ranks: they stop and schedule alike
+            shared = torch.tensor([elapsed], dtype=torch.float64)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            elapsed = float(shared)
         bar.set_postfix(loss=f"{loss.item():.4f}", step_s=f"{step_times[-1]:.2f}")
         done = step + 1
         out_of_time = budget_s is not None and elapsed >= budget_s

@@ -79,11 +79,19 @@ def hit_mass(
             f" kv_hw={kv_hw} (allowed: weights [B, H, hq*wq, hk*wk], theta [B, 2, 3])"
         )
     points, inside = source_points(theta.to(weights.device), q_hw, kv_hw)  # (B, Nq, 2), (B, Nq)
-    keys = pixel_centres(kv_hw, weights.device)  # (Nk, 2)
-    distance = torch.cdist(points, keys.expand(b, nk, 2))  # (B, Nq, Nk)
+    hk, wk = kv_hw
     mean_weights = weights.mean(dim=1).to(torch.float64)  # (B, Nq, Nk)
     masses = {}
     for r in radii:
-        mass = (mean_weights * (distance <= r)).sum(-1)  # (B, Nq)
+        # The keys within r of a point lie in the (2r + 2)² pixels from floor(point) - r.
+        offsets = torch.arange(-r, r + 2, device=weights.device, dtype=torch.float64)
+        base = points.floor()  # (B, Nq, 2)
+        cols = base[..., 0, None, None] + offsets[None, :]  # (B, Nq, 1, 2r+2)
+        rows = base[..., 1, None, None] + offsets[:, None]  # (B, Nq, 2r+2, 1)
+        near = (cols - points[..., 0, None, None]) ** 2 + (rows - points[..., 1, None, None]) ** 2
+        valid = (near <= r * r) & (cols >= 0) & (cols <= wk - 1) & (rows >= 0) & (rows <= hk - 1)
+        index = (rows.clamp(0, hk - 1) * wk + cols.clamp(0, wk - 1)).long()  # (B, Nq, ., .)
+        picked = mean_weights.gather(-1, index.flatten(2))  # (B, Nq, (2r+2)²)
+        mass = (picked * valid.flatten(2)).sum(-1)  # (B, Nq)
         masses[r] = float(mass[inside].sum())
     return masses, int(inside.sum())
