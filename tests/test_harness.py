@@ -319,17 +319,21 @@ def test_committed_case_ids_stay_valid():
     committed = read_rows([ROOT / "results" / "raw" / "fidelity-cpu.jsonl"])
     cases = expand(load_suite(ROOT / "suites" / "fidelity.yaml"), "cpu")
 
-    def key(impl: str, params: dict, side: int, family: str) -> tuple:
-        return impl, json.dumps(params, sort_keys=True), side, family
+    def key(impl: str, params: dict, side: int, family: str, sharpness) -> tuple:
+        return impl, json.dumps(params, sort_keys=True), side, family, sharpness or 1.0
 
-    ids = {key(c.impl, c.params_dict, c.q_hw[0], c.family): c.case_id for c in cases}
+    ids = {
+        key(c.impl, c.params_dict, c.q_hw[0], c.family, c.sharpness): c.case_id for c in cases
+    }
+    older = [r for r in committed if r["inputs"] in ("gaussian", "smooth", "warp-copy")]
+    assert len(older) == 96, "the rows measured before warp-match existed"
     for row in committed:
-        assert ids[key(row["impl"], row["params"], row["q_h"], row["inputs"])] == row["case_id"]
-    assert {r["inputs"] for r in committed} == {"gaussian", "smooth", "warp-copy"}
+        where = key(row["impl"], row["params"], row["q_h"], row["inputs"], row.get("sharpness"))
+        assert ids[where] == row["case_id"], where
     sharp = [c for c in cases if c.family == "warp-match"]
-    warp_copy = [r for r in committed if r["inputs"] == "warp-copy"]  # every method and map
+    warp_copy = [r for r in older if r["inputs"] == "warp-copy"]  # every method and map
     assert len(sharp) == 3 * len(warp_copy) and {c.sharpness for c in sharp} == {1.0, 2.5, 4.0}
-    assert not {c.case_id for c in sharp} & {r["case_id"] for r in committed}
+    assert not {c.case_id for c in sharp} & {r["case_id"] for r in older}
 
 
 def test_cli_run_prints_a_summary(tmp_path, capsys):
