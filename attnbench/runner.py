@@ -435,6 +435,8 @@ def summary_table(rows: list[dict]) -> str:
                 "SSIM": r.get("ssim"),
                 "PSNR": r.get("psnr"),
                 "LPIPS": r.get("lpips"),
+                "hit rate": (r.get("copy_hit_rate") or {}).get("largest"),
+                "steps": r.get("steps"),
                 "attention MiB": mib(r.get("attn_mem_bytes")),
                 "step s": r.get("step_time_s"),
                 "parameters": r.get("n_params"),
