@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.data.affine import coordinate_map
+from attnbench.impls.gpa.vectorised import euclid_augment
 from attnbench.registry import Attention
 from attnbench.spec import AttentionSpec
 
@@ -52,10 +54,8 @@ def fourier_features(coords: torch.Tensor, bands: int) -> torch.Tensor:
 
 def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
     """[N, 2, h, w]: the normalised (x, y) of every pixel centre of x's map, in (-1, 1)."""
-    n, _, h, w = x.shape
-    xs = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
-    ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1
-    return torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)]).expand(n, 2, h, w)
+    grid = coordinate_map(tuple(x.shape[-2:])).to(device=x.device, dtype=x.dtype)
+    return grid.expand(x.shape[0], -1, -1, -1)
 
 
 class ConvBlock(nn.Sequential):
@@ -220,9 +220,8 @@ class AttentionCopy(nn.Module):
         if self.cosine:  # unit q and k: scores T cos(q, k) after the implementation's 1/sqrt(C)
             q = F.normalize(q, dim=-1) * math.sqrt(self.attn_channels)
             k = F.normalize(k, dim=-1)
-        if self.euclid:  # [2q, -1] . [k, |k|²] = -|q - k|² + |q|² (constant along a softmax row)
-            q = torch.cat([2 * q, -torch.ones_like(q[..., :1])], dim=-1)  # (N, 1, h*w, C)
-            k = torch.cat([k, k.square().sum(-1, keepdim=True)], dim=-1)  # (N, 1, hs*ws, C)
+        if self.euclid:  # q*.k* = -|q - k|² + |q|² (constant along a softmax row): (., C)
+            q, k = euclid_augment(q, k)
         q = q * self.log_temperature.exp()
         v_in = source
         if self.value_image_channels:

@@ -229,9 +229,10 @@ def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str) ->
     from attnbench.tasks.hit_rate import RADII, hit_mass
 
     items = min(items, len(test_set))
+    every_block = model.attention_blocks()
     blocks = [
         (name, block)
-        for name, block in model.attention_blocks()
+        for name, block in every_block
         if (block.map_size[0] * block.map_size[1]) ** 2 <= HIT_RATE_MAX_ENTRIES
     ]
     sums = {name: dict.fromkeys(RADII, 0.0) for name, _ in blocks}
@@ -265,9 +266,9 @@ def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str) ->
             f"r{r}": (sums[name][r] / counts[name] if name in counts and counts[name] else None)
             for r in RADII
         }
-        for name, _ in model.attention_blocks()
+        for name, _ in every_block
     }
-    largest = levels[model.attention_blocks()[-1][0]]
+    largest = levels[every_block[-1][0]]
     return {"largest": largest["r1"], "largest_r2": largest["r2"], "levels": levels}
 
 
