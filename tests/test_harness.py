@@ -322,9 +322,7 @@ def test_committed_case_ids_stay_valid():
     def key(impl: str, params: dict, side: int, family: str, sharpness) -> tuple:
         return impl, json.dumps(params, sort_keys=True), side, family, sharpness or 1.0
 
-    ids = {
-        key(c.impl, c.params_dict, c.q_hw[0], c.family, c.sharpness): c.case_id for c in cases
-    }
+    ids = {key(c.impl, c.params_dict, c.q_hw[0], c.family, c.sharpness): c.case_id for c in cases}
     older = [r for r in committed if r["inputs"] in ("gaussian", "smooth", "warp-copy")]
     assert len(older) == 96, "the rows measured before warp-match existed"
     for row in committed:
