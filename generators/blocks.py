@@ -109,6 +109,7 @@ class AttentionCopy(nn.Module):
         affinity: str = "dot",
         zero_feature_init: bool = False,
         value_image_channels: int = 0,
+        match_codes: bool = False,
     ):
         super().__init__()
         extra = code_channels
@@ -123,6 +124,16 @@ class AttentionCopy(nn.Module):
             if zero_feature_init:  # the codes alone set the first attention
                 self.query.weight[:, :target_channels].zero_()
                 self.key.weight[:, :source_channels].zero_()
+            if match_codes:  # q and k start as the codes: each query matches its coded key
+                if code_channels > qk:
+                    raise ValueError(
+                        f"match_codes needs code_channels={code_channels} <= the {qk} channels "
+                        "of q and k"
+                    )
+                for conv, offset in ((self.query, target_channels), (self.key, source_channels)):
+                    conv.weight.zero_()
+                    conv.bias.zero_()
+                    conv.weight[:code_channels, offset:, 0, 0] = torch.eye(code_channels)
             if value_image_channels:  # the first copied channels start as the source image
                 n = value_image_channels
                 self.value.weight[:n].zero_()

@@ -23,7 +23,7 @@ SMALL_ATTENTIONS = (EXACT_ATTENTION, "none")
 COORDS = ("none", "qk", "inputs", "pose")
 POSE_CODE_BANDS = 5  # Fourier bands of coords="pose": periods from 2 down to 1/8 of the map
 AFFINITIES = ("dot", "euclid", "cosine")
-COPY_INITS = ("default", "codes", "copy")
+COPY_INITS = ("default", "codes", "copy", "match")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,11 @@ class GeneratorConfig:
             image and every level's toRGB starts adding them with weight 1 / levels, so that
             what attention copies reaches the output from the first step (trained apart, a
             copying block whose values and decoder must first learn to carry colour copied at a
-            seventh of the rate of one whose values start as the pixels).
+            seventh of the rate of one whose values start as the pixels); or "match": "copy",
+            and the query and key convolutions start as the codes themselves (their first
+            ``code_channels`` outputs, every other weight and bias zero), so that from the first
+            step each target pixel attends to the source pixel its pose code names, and
+            training keeps, sharpens or loses that copy (the codes must fit in q and k).
     """
 
     image_size: tuple[int, int]
@@ -139,6 +143,13 @@ class GeneratorConfig:
             raise ValueError(
                 f"copy_init={self.copy_init!r} needs positional codes (coords 'qk' or 'pose'; got "
                 f"coords={self.coords!r})"
+            )
+        qk_channels = self.attn_channels - (self.affinity == "euclid")
+        if self.copy_init == "match" and self.code_channels > qk_channels:
+            raise ValueError(
+                f"copy_init='match' needs the {self.code_channels} code channels to fit in the "
+                f"{qk_channels} channels of q and k (allowed: attn_channels >= "
+                f"{self.code_channels + (self.affinity == 'euclid')})"
             )
         if self.affinity not in AFFINITIES:
             raise ValueError(

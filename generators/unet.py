@@ -145,15 +145,18 @@ class CopyingGenerator(nn.Module):
                     learn_temperature=config.learn_temperature,
                     temperature_init=config.temperature_init,
                     affinity=config.affinity,
-                    zero_feature_init=config.copy_init in ("codes", "copy"),
-                    value_image_channels=config.image_channels if config.copy_init == "copy" else 0,
+                    zero_feature_init=config.copy_init != "default",
+                    value_image_channels=(
+                        config.image_channels if config.copy_init in ("copy", "match") else 0
+                    ),
+                    match_codes=config.copy_init == "match",
                 )
             )
         self.copies = nn.ModuleList(copies)
         self.to_rgb = nn.ModuleList(
             nn.Conv2d(c[i] + a, config.image_channels, 1) for i in range(config.levels)
         )
-        if config.copy_init == "copy":  # each level adds its copied image, 1 / levels each
+        if config.copy_init in ("copy", "match"):  # each level adds its copy, 1 / levels each
             n = config.image_channels
             with torch.no_grad():
                 for i, to_rgb in enumerate(self.to_rgb):

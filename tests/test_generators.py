@@ -222,6 +222,7 @@ def test_no_copying_at_any_level():
         ("coords", "xy", "allowed: none, qk, inputs, pose"),
         ("affinity", "l1", "allowed: dot, euclid, cosine"),
         ("copy_init", "codes", "needs positional codes"),
+        ("copy_init", "match", "needs positional codes"),
         ("temperature_init", 0.0, "a number > 0"),
     ],
 )
@@ -274,6 +275,38 @@ def test_copy_init_starts_by_copying_the_source_image():
     for i, to_rgb in enumerate(model.to_rgb):  # each level adds a quarter of its copied image
         c = config.channels[i]
         torch.testing.assert_close(to_rgb.weight[:, c : c + 3, 0, 0], torch.eye(3) / 4)
+
+
+def test_match_init_needs_the_codes_to_fit_in_q_and_k():
+    with pytest.raises(ValueError, match="20 code channels to fit in the 8 channels"):
+        dataclasses.replace(TINY, coords="pose", copy_init="match")
+
+
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+def test_match_init_attends_to_the_pixel_the_codes_name(affinity):
+    from attnbench.data import coordinate_map
+
+    config = dataclasses.replace(
+        TINY, coords="pose", copy_init="match", attn_channels=24, temperature_init=8.0,
+        affinity=affinity,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = CopyingGenerator(config, "full.sdpa")
+    grid = coordinate_map((32, 32))[None]
+    image = torch.rand(1, 3, 32, 32)
+    features = {}
+    for name, block in model.attention_blocks():
+        h, w = block.map_size
+        features[name] = torch.randn(2, 1, block.target_channels, h, w)
+        # The target's pose says each of its pixels comes from the mirrored source pixel.
+        codes = model.codes(features[name][0], features[name][1], grid, grid.flip(-1, -2))
+        block.record = True
+        pooled = torch.nn.functional.adaptive_avg_pool2d(image, (h, w))
+        block.attention_call(features[name][0], features[name][1], codes, pooled)
+        weights = block.attention.weights(*block.recorded, block.map_size, block.map_size)[0, 0]
+        mirrored = torch.arange(h * w).flip(0)
+        assert torch.equal(weights.argmax(dim=1), mirrored), name
+        assert float(weights[torch.arange(h * w), mirrored].min()) > 0.5, name
 
 
 def test_pose_codes_are_fourier_features_of_the_pose_coordinates():

@@ -20,6 +20,7 @@ and grids.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -293,12 +294,19 @@ def attention_memory(config, impl: str, params: dict, device: str) -> int:
     """Peak bytes of forward+backward through the attention blocks alone at batch 1.
 
     The paper's measure (its Fig. 5a). It runs in a fresh process: in a process that has
-    trained before, the allocator's free memory would hide part of the peak on the CPU.
+    trained before, the allocator's free memory would hide part of the peak on the CPU. The
+    peak depends on the shapes alone, so it is measured once per (config, implementation,
+    parameters, device) in a process, not once per seed.
     """
+    return _attention_memory(config, impl, json.dumps(params, sort_keys=True), device)
+
+
+@functools.cache
+def _attention_memory(config, impl: str, params: str, device: str) -> int:
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_attention_memory_worker, (config, impl, params, device))
+        return pool.apply(_attention_memory_worker, (config, impl, json.loads(params), device))
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:

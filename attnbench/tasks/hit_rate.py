@@ -80,7 +80,7 @@ def hit_mass(
         )
     points, inside = source_points(theta.to(weights.device), q_hw, kv_hw)  # (B, Nq, 2), (B, Nq)
     hk, wk = kv_hw
-    mean_weights = weights.mean(dim=1).to(torch.float64)  # (B, Nq, Nk)
+    mean_weights = weights.mean(dim=1)  # (B, Nq, Nk); only the picked entries go to float64
     masses = {}
     for r in radii:
         # The keys within r of a point lie in the (2r + 2)² pixels from floor(point) - r.
@@ -91,7 +91,7 @@ def hit_mass(
         near = (cols - points[..., 0, None, None]) ** 2 + (rows - points[..., 1, None, None]) ** 2
         valid = (near <= r * r) & (cols >= 0) & (cols <= wk - 1) & (rows >= 0) & (rows <= hk - 1)
         index = (rows.clamp(0, hk - 1) * wk + cols.clamp(0, wk - 1)).long()  # (B, Nq, ., .)
-        picked = mean_weights.gather(-1, index.flatten(2))  # (B, Nq, (2r+2)²)
+        picked = mean_weights.gather(-1, index.flatten(2)).to(torch.float64)  # (B, Nq, (2r+2)²)
         mass = (picked * valid.flatten(2)).sum(-1)  # (B, Nq)
         masses[r] = float(mass[inside].sum())
     return masses, int(inside.sum())
