@@ -117,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 args.out,
                 resume=args.resume,
                 overwrite=args.overwrite,
+                retry_errors=args.retry_errors,
                 shard=shard,
                 device=args.device,
                 progress=not args.no_progress,
@@ -196,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true", help="skip cases whose rows exist")
     how.add_argument("--overwrite", action="store_true", help="start the results file afresh")
+    how.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="resume, and run again the cases whose rows are errors",
+    )
     p.add_argument("--shard", default="1/1", metavar="i/N", help="run the i-th of N shares")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -56,9 +56,13 @@ class UnsupportedError(ValueError):
     """An implementation was asked to run inputs it cannot run; ``reasons`` lists why."""
 
     def __init__(self, label: str, reasons: list[str]):
+        self.label = label
         self.reasons = list(reasons)
         lines = "\n".join(f"  - {r}" for r in self.reasons)
         super().__init__(f"{label} cannot run these inputs:\n{lines}")
+
+    def __reduce__(self):  # pickles whole, so it crosses process boundaries (pools, DDP)
+        return type(self), (self.label, self.reasons)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from attnbench import registry
 from attnbench.inputs import make_inputs
 from attnbench.measure import matmul_gflops, peak_memory, time_call
-from attnbench.results import MICRO_KEYS, append_row, context, new_row, now, read_rows
+from attnbench.results import (
+    MICRO_KEYS,
+    append_row,
+    context,
+    drop_rows,
+    new_row,
+    now,
+    read_rows,
+)
 from attnbench.spec import AttentionSpec
 from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, expand_train
 
@@ -265,10 +273,21 @@ def _budget_key(case: MicroCase) -> tuple:
 
 
 def prepare_output(
-    suite: Suite, device: str, out_dir: str | Path, resume: bool, overwrite: bool
+    suite: Suite,
+    device: str,
+    out_dir: str | Path,
+    resume: bool,
+    overwrite: bool,
+    retry_errors: bool = False,
 ) -> tuple[Path, set[str]]:
-    """The results file and the case ids it already holds (with ``resume``)."""
+    """The results file and the case ids it already holds (with ``resume``).
+
+    ``retry_errors`` resumes after removing the rows whose status is ``error``, so that those
+    cases run again. A train suite's checkpoints count as rows: without ``resume`` they are
+    refused, with ``overwrite`` removed.
+    """
     path = output_path(suite, device, out_dir)
+    resume = resume or retry_errors
     if path.exists() and path.stat().st_size and not (resume or overwrite):
         raise ValueError(
             f"{path} already holds rows: pass --resume to continue it, --overwrite to start it "
@@ -276,6 +295,23 @@ def prepare_output(
         )
     if overwrite and path.exists():
         path.unlink()
+    if isinstance(suite, TrainSuite):
+        from attnbench.tasks.copying import checkpoint_path, checkpoint_step
+
+        for case in expand_train(suite, device):
+            checkpoint = checkpoint_path(path.parent, case)
+            if not checkpoint.exists() or resume:
+                continue
+            if overwrite:
+                checkpoint.unlink()
+                continue
+            step = checkpoint_step(checkpoint)
+            raise ValueError(
+                f"{checkpoint} holds {case.impl} seed {case.seed} stopped at step {step}: pass "
+                f"--resume to continue from step {step} or --overwrite to start over"
+            )
+    if retry_errors and path.exists():
+        drop_rows(path, "error")
     done = {r.get("case_id") for r in read_rows([path])} if resume and path.exists() else set()
     return path, done
 
@@ -313,6 +349,8 @@ def run_train_suite(
             row = train_case(case, suite, row, path.parent, resume, progress)
         except (torch.OutOfMemoryError, MemoryError) as err:
             row.update(status="oom", reason=f"{type(err).__name__}: {err}".strip())
+        except registry.UnsupportedError as err:
+            row.update(status="unsupported", reason="; ".join(err.reasons))
         except Exception as err:  # a failing run becomes a row; the suite goes on
             row.update(status="error", reason=f"{type(err).__name__}: {err}")
         row["timestamp"] = now()
@@ -328,6 +366,7 @@ def run_suite(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    retry_errors: bool = False,
     shard: tuple[int, int] = (1, 1),
     device: str | None = None,
     progress: bool = True,
@@ -344,7 +383,8 @@ def run_suite(
     from tqdm import tqdm
 
     device = resolve_device(device or suite.device)
-    path, done = prepare_output(suite, device, out_dir, resume, overwrite)
+    path, done = prepare_output(suite, device, out_dir, resume, overwrite, retry_errors)
+    resume = resume or retry_errors
     if isinstance(suite, TrainSuite):
         return path, run_train_suite(suite, path, done, shard, device, resume, progress)
     todo = [c for c in take_shard(expand(suite, device), shard) if c.case_id not in done]

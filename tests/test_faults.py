@@ -1,0 +1,142 @@
+"""Faults and bad inputs a user hits (issue 17): each ends with a clear message or a row with a
+status and reason, never a hang, a traceback where a message belongs, or lost rows."""
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from attnbench import registry
+from attnbench.generators import CopyingGenerator, preset
+from attnbench.results import read_rows
+from attnbench.tasks import copying
+
+UNRUNNABLE = """
+kind: train
+implementations:
+  - name: gpa.torch
+    params: {topk: 999}
+  - name: none
+steps: 1
+batch: 2
+checkpoint_every: 1
+eval_batch: 2
+grid_samples: 1
+data: {train_size: 2, test_size: 2}
+"""
+
+
+def test_unsupported_error_survives_pickling():
+    err = pickle.loads(pickle.dumps(registry.UnsupportedError("gpa.torch", ["a", "b"])))
+    assert isinstance(err, registry.UnsupportedError)
+    assert err.reasons == ["a", "b"] and "gpa.torch cannot run" in str(err)
+
+
+def test_an_error_in_the_memory_probe_reaches_the_parent():
+    config = preset("cpu64")
+    with pytest.raises(registry.UnsupportedError) as info:  # it used to hang the pool forever
+        copying.attention_memory(config, "gpa.torch", {"topk": 999}, "cpu")
+    assert any("topk=999" in r for r in info.value.reasons)
+
+
+def test_a_training_run_whose_attention_cannot_train_is_an_unsupported_row(tmp_path):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(UNRUNNABLE)
+    command = [sys.executable, "-m", "attnbench", "run", str(suite), "--out", str(tmp_path)]
+    proc = subprocess.run(command + ["--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    gpa, none = read_rows([tmp_path / "bad-cpu.jsonl"])
+    assert gpa["status"] == "unsupported" and none["status"] == "ok", "the suite goes on"
+    for block in ("level2_32x32", "level3_64x64"):
+        assert f"{block}: topk=999 exceeds the 256 low-res keys" in gpa["reason"]
+
+
+def test_every_block_that_cannot_train_is_named():
+    model = CopyingGenerator(preset("cpu64"), "gpa.flex")
+    reasons = copying.unsupported_blocks(model, batch=4, device="cpu")
+    assert [r.split(":")[0] for r in reasons] == ["level2_32x32", "level3_64x64"]
+
+
+TINY = """
+kind: train
+implementations:
+  - name: none
+  - name: full.sdpa
+steps: 4
+batch: 2
+checkpoint_every: 2
+eval_batch: 2
+grid_samples: 1
+data: {train_size: 4, test_size: 2}
+"""
+
+
+def tiny(tmp_path, text=TINY):
+    from attnbench.suite import load_suites
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    (suite,) = load_suites(path)
+    return suite
+
+
+def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path):
+    from attnbench import runner
+    from attnbench.suite import expand_train
+
+    suite = tiny(tmp_path, TINY.replace("  - name: full.sdpa\n", ""))
+    path, _ = runner.run_suite(suite, tmp_path, progress=False)
+    path.unlink()  # as if killed after the last checkpoint, before the row
+    (case,) = expand_train(suite, "cpu")
+    checkpoint = copying.checkpoint_path(tmp_path, case)
+    with pytest.raises(ValueError, match="pass --resume to continue from step 4 or --overwrite"):
+        runner.run_suite(suite, tmp_path, progress=False)
+    assert copying.checkpoint_step(checkpoint) == 4, "the checkpoint is left as it was"
+    _, (row,) = runner.run_suite(suite, tmp_path, overwrite=True, progress=False)
+    assert row["status"] == "ok" and [p["step"] for p in row["hit_curve"]] == [2, 4]
+
+
+def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(tmp_path, monkeypatch):
+    from attnbench import runner
+
+    suite = tiny(tmp_path)
+    train_case = copying.train_case
+
+    def failing(case, *args, **kwargs):
+        if case.impl == "full.sdpa":
+            raise RuntimeError("corrupt checkpoint")
+        return train_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(copying, "train_case", failing)
+    path, _ = runner.run_suite(suite, tmp_path, progress=False)
+    good, bad = read_rows([path])
+    assert bad["status"] == "error"
+    monkeypatch.setattr(copying, "train_case", train_case)
+    _, rows = runner.run_suite(suite, tmp_path, retry_errors=True, progress=False)
+    assert [r["impl"] for r in rows] == ["full.sdpa"], "only the failed case runs again"
+    assert read_rows([path]) == [good, rows[0]] and rows[0]["status"] == "ok"
+
+
+def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
+    import pathlib
+
+    import torch
+
+    from attnbench import runner
+    from attnbench.suite import expand_train
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return pathlib.Path.touch, (marker,)
+
+    suite = tiny(tmp_path, TINY.replace("  - name: full.sdpa\n", ""))
+    (case,) = expand_train(suite, "cpu")
+    checkpoint = copying.checkpoint_path(tmp_path, case)
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"step": 2, "payload": Payload()}, checkpoint)
+    _, (row,) = runner.run_suite(suite, tmp_path, resume=True, progress=False)
+    assert row["status"] == "error" and "weights_only" in row["reason"].lower().replace(" ", "_")
+    assert not marker.exists()
