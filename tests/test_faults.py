@@ -140,3 +140,14 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
     _, (row,) = runner.run_suite(suite, tmp_path, resume=True, progress=False)
     assert row["status"] == "error" and "weights_only" in row["reason"].lower().replace(" ", "_")
     assert not marker.exists()
+
+
+def test_commands_do_not_print_the_cuda_home_notice():
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnbench", "list", "gpa.cpp"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "gpa.cpp" in proc.stdout and "No CUDA runtime is found" not in proc.stderr
