@@ -10,8 +10,11 @@ so an interrupted run loses nothing and ``resume`` continues it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -360,7 +363,61 @@ def run_train_suite(
     return rows
 
 
+@contextlib.contextmanager
+def results_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (``<path>.lock``, fcntl) while a run writes it.
+
+    Raises:
+        ValueError: another process holds it; the message names that process.
+    """
+    lock_file = path.with_name(path.name + ".lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(
+                f"{path} is being written by another run (process {holder}): wait for it to "
+                "end, or pass --out to write elsewhere"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_suite(
+    suite: Suite,
+    out_dir: str | Path = "results/raw",
+    **options,
+) -> tuple[Path, list[dict]]:
+    """Run ``suite`` (or its ``shard`` i/N share), appending rows to its results file.
+
+    Options: ``resume``, ``overwrite``, ``retry_errors``, ``shard`` (i, N), ``device``,
+    ``progress``, ``min_run_time`` (see :func:`run_unlocked`). One process writes a results
+    file at a time: the first process of a run (rank 0 under torchrun) holds its lock.
+
+    Returns:
+        The results file and the rows written by this call.
+    Raises:
+        ValueError: the file exists and neither ``resume`` nor ``overwrite`` is set, another
+        run is writing it, or a bad device or shard.
+    """
+    device = resolve_device(options.pop("device", None) or suite.device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run_unlocked(suite, out_dir, device=device, **options)
+    with results_lock(output_path(suite, device, out_dir)):
+        return run_unlocked(suite, out_dir, device=device, **options)
+
+
+def run_unlocked(
     suite: Suite,
     out_dir: str | Path = "results/raw",
     *,
@@ -372,14 +429,7 @@ def run_suite(
     progress: bool = True,
     min_run_time: float | None = None,
 ) -> tuple[Path, list[dict]]:
-    """Run ``suite`` (or its ``shard`` i/N share), appending rows to its results file.
-
-    Returns:
-        The results file and the rows written by this call.
-    Raises:
-        ValueError: the file exists and neither ``resume`` nor ``overwrite`` is set, or a bad
-        device or shard.
-    """
+    """:func:`run_suite` without the lock on the results file."""
     from tqdm import tqdm
 
     device = resolve_device(device or suite.device)

@@ -151,3 +151,32 @@ def test_commands_do_not_print_the_cuda_home_notice():
     )
     assert proc.returncode == 0, proc.stderr
     assert "gpa.cpp" in proc.stdout and "No CUDA runtime is found" not in proc.stderr
+
+
+def test_a_second_run_into_the_same_results_file_is_refused(tmp_path):
+    from attnbench import runner
+
+    suite = tiny(tmp_path)
+    path = runner.output_path(suite, "cpu", tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from attnbench.runner import results_lock"
+            "\nwith results_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n"
+            "    time.sleep(120)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"another run \\(process {holder.pid}\\)"):
+            runner.run_suite(suite, tmp_path, progress=False)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert not path.exists(), "the refused run wrote nothing"
+    with runner.results_lock(path):  # free again once the holder is gone
+        pass
