@@ -101,7 +101,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from attnbench.results import read_rows
-    from attnbench.runner import parse_shard, run_suite, summary_table
+    from attnbench.runner import case_ids, parse_shard, resolve_device, run_suite, summary_table
     from attnbench.suite import SuiteError, load_suites
 
     try:
@@ -132,9 +132,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             return 130
         if is_main_process():
+            ids = case_ids(suite, resolve_device(args.device or suite.device))
+            every = read_rows([path])
+            mine = [r for r in every if r.get("case_id") in ids]
             print(f"\n## {suite.name}\n")
-            print(summary_table(read_rows([path])))
+            print(summary_table(mine))
             print(f"\n{len(rows)} new rows; all rows in {path}")
+            if len(every) > len(mine):
+                print(
+                    f"note: {len(every) - len(mine)} rows in {path} belong to another "
+                    f"configuration of suite {suite.name!r} (other seeds, parameters, steps or "
+                    "options); this summary leaves them out",
+                    file=sys.stderr,
+                )
     return 0
 
 

@@ -319,6 +319,13 @@ def prepare_output(
     return path, done
 
 
+def case_ids(suite: Suite, device: str) -> set[str]:
+    """The ids of every case of ``suite`` on ``device``: rows with other ids in its results
+    file come from another configuration of it."""
+    cases = expand_train(suite, device) if isinstance(suite, TrainSuite) else expand(suite, device)
+    return {case.case_id for case in cases}
+
+
 def take_shard(cases: list, shard: tuple[int, int]) -> list:
     """The i-th of N interleaved shares of ``cases``."""
     i, n = shard

@@ -180,3 +180,20 @@ def test_a_second_run_into_the_same_results_file_is_refused(tmp_path):
     assert not path.exists(), "the refused run wrote nothing"
     with runner.results_lock(path):  # free again once the holder is gone
         pass
+
+
+def test_a_resumed_run_with_another_configuration_summarises_only_its_own_rows(tmp_path, capsys):
+    from attnbench import cli
+
+    one = TINY.replace("  - name: full.sdpa\n", "")
+    (tmp_path / "tiny.yaml").write_text(one + "seeds: [0]\n")
+    args = ["run", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 0
+    (tmp_path / "tiny.yaml").write_text(one + "seeds: [1]\n")
+    capsys.readouterr()
+    assert cli.main(args + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 rows in" in err and "another configuration" in err
+    table = [line for line in out.splitlines() if line.startswith("| none")]
+    assert len(table) == 1 and "|      1 |" in table[0], out
+    assert len(read_rows([tmp_path / "tiny-cpu.jsonl"])) == 2, "the other seed's row stays"
