@@ -238,4 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # start-up included: a message, not a traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130

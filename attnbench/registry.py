@@ -391,6 +391,10 @@ def import_plugins(modules: list[str]) -> None:
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"plugin module {module!r} cannot be imported: {err}") from err
+        except Exception as err:  # the plugin's own code failed: name it and the error
+            raise ValueError(
+                f"plugin module {module!r} raised {type(err).__name__} on import: {err}"
+            ) from err
 
 
 def list_impls(pattern: str = "*") -> list[str]:

@@ -418,6 +418,12 @@ def run_suite(
         run is writing it, or a bad device or shard.
     """
     device = resolve_device(options.pop("device", None) or suite.device)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {str(out_dir)!r} cannot hold results: {err.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out {str(out_dir)!r} cannot hold results: not writable")
     if int(os.environ.get("RANK", "0")) != 0:
         return run_unlocked(suite, out_dir, device=device, **options)
     with results_lock(output_path(suite, device, out_dir)):

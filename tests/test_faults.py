@@ -4,6 +4,7 @@ status and reason, never a hang, a traceback where a message belongs, or lost ro
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from attnbench import registry
 from attnbench.generators import CopyingGenerator, preset
 from attnbench.results import read_rows
 from attnbench.tasks import copying
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report"
 
 UNRUNNABLE = """
 kind: train
@@ -197,3 +200,69 @@ def test_a_resumed_run_with_another_configuration_summarises_only_its_own_rows(t
     table = [line for line in out.splitlines() if line.startswith("| none")]
     assert len(table) == 1 and "|      1 |" in table[0], out
     assert len(read_rows([tmp_path / "tiny-cpu.jsonl"])) == 2, "the other seed's row stays"
+
+
+def test_a_binary_suite_file_is_named_and_validate_checks_the_rest(tmp_path, capsys):
+    from attnbench import cli
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"kind: micro\n\xff\xfe\x00garbage")
+    good = tmp_path / "good.yaml"
+    good.write_text("implementations: [{name: none}]\nmaps: [[8, 8]]\n")
+    assert cli.main(["validate", str(binary), str(good)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{binary}: not a UTF-8 text file (byte 12" in err
+    assert f"{good}: ok" in out
+
+
+def test_a_plugin_that_raises_on_import_is_named(tmp_path, monkeypatch):
+    from attnbench.suite import SuiteError, load_suites
+
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('no licence server')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    suite = tmp_path / "s.yaml"
+    suite.write_text("plugins: [broken_plugin]\nimplementations: [{name: none}]\nmaps: [[8, 8]]\n")
+    with pytest.raises(SuiteError, match="'broken_plugin' raised RuntimeError on import: no lic"):
+        load_suites(suite)
+
+
+def test_report_skips_rows_with_wrong_types_or_statuses(tmp_path):
+    import json
+
+    from attnbench import report
+
+    base = next(r for r in read_rows([FIXTURE]) if r["kind"] == "micro")
+    bad_type = {**base, "case_id": "b1", "time_fwd_ms": "fast"}
+    bad_status = {**base, "case_id": "b2", "status": "great"}
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (base, bad_type, bad_status)))
+    with pytest.warns(UserWarning) as caught:
+        rows = report.load([results])
+    assert [r["case_id"] for r in rows] == [base["case_id"]]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "row 2 skipped: not numbers: time_fwd_ms='fast'" in messages
+    assert "row 3 skipped: status='great'" in messages
+
+
+def test_out_pointing_at_a_file_is_a_message(tmp_path, capsys):
+    from attnbench import cli
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("implementations: [{name: none}]\nmaps: [[8, 8]]\nmetrics: [fidelity]\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["run", str(suite), "--out", str(blocker), "--no-progress"]) == 2
+    assert f"--out '{blocker}' cannot hold results" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_is_a_message(monkeypatch, capsys):
+    from attnbench import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["list"].set_defaults(func=interrupted)
+    assert cli.main(["list"]) == 130
+    assert "interrupted" in capsys.readouterr().err
