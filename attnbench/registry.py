@@ -25,6 +25,7 @@ import difflib
 import fnmatch
 import functools
 import importlib
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -92,9 +93,8 @@ class Param:
         if self.choices is not None:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
-            text = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[
-                self.kind
-            ]
+            words = {int: "an integer", float: "a finite number", str: "a string"}
+            text = words.get(self.kind, "true or false")
             if self.low is not None and self.high is not None:
                 text += f" in [{self.low}, {self.high}]"
             elif self.low is not None:
@@ -112,6 +112,8 @@ class Param:
         )
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
+        if ok and self.kind is float:
+            ok = math.isfinite(value)  # inf or nan would reach a kernel (and Inductor) as is
         if ok and self.choices is not None:
             ok = value in self.choices
         if ok and self.low is not None:

@@ -266,3 +266,8 @@ def test_ctrl_c_during_start_up_is_a_message(monkeypatch, capsys):
     parser._subparsers._group_actions[0].choices["list"].set_defaults(func=interrupted)
     assert cli.main(["list"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_an_infinite_scale_is_refused_before_it_reaches_a_compiler():
+    with pytest.raises(ValueError, match=r"gpa.flex: parameter scale=inf .*a finite number"):
+        registry.create("gpa.flex", scale=float("inf"))
