@@ -145,13 +145,15 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
     assert not marker.exists()
 
 
-def test_commands_do_not_print_the_cuda_home_notice():
-    proc = subprocess.run(
-        [sys.executable, "-m", "attnbench", "list", "gpa.cpp"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "attnbench", "list", "gpa.cpp"],
+        ["-c", "import attnbench.impls.gpa.reference, torch.utils.cpp_extension; print('gpa.cpp')"],
+    ],
+)
+def test_commands_do_not_print_the_cuda_home_notice(command):
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "gpa.cpp" in proc.stdout and "No CUDA runtime is found" not in proc.stderr
 
@@ -271,3 +273,21 @@ def test_ctrl_c_during_start_up_is_a_message(monkeypatch, capsys):
 def test_an_infinite_scale_is_refused_before_it_reaches_a_compiler():
     with pytest.raises(ValueError, match=r"gpa.flex: parameter scale=inf .*a finite number"):
         registry.create("gpa.flex", scale=float("inf"))
+
+
+def test_the_euclid_oracle_never_forms_all_differences_at_once(monkeypatch):
+    import torch
+    from torch.profiler import profile
+
+    from attnbench.impls.gpa import reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1024, 64, generator=g)  # all differences at once: 256 MiB
+    with profile(profile_memory=True) as prof:
+        reference.affinity_scores(q, k, "euclid", 0.5)
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert largest <= 4 * reference.DIFFERENCE_ELEMENTS, f"{largest / 2**20:.0f} MiB at once"
+    small_q, small_k = q[:37, :8], k[:29, :8]
+    whole = -0.5 * ((small_q[:, None] - small_k[None]) ** 2).sum(-1)
+    monkeypatch.setattr(reference, "DIFFERENCE_ELEMENTS", 29 * 8 * 5)  # chunks of 5 queries
+    assert torch.equal(reference.affinity_scores(small_q, small_k, "euclid", 0.5), whole)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -80,17 +79,8 @@ def build_error() -> str | None:
     return None if _build_error is None else f"the C++ kernel failed to build: {_build_error}"
 
 
-class _NoCudaRuntimeNotice(logging.Filter):
-    """Drops cpp_extension's import-time "No CUDA runtime is found" warning: this kernel is
-    C++ for the CPU, built without CUDA, so the notice is noise on every CPU-only machine."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No CUDA runtime is found" not in record.getMessage()
-
-
 @functools.cache
 def _load():
-    logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
     from torch.utils.cpp_extension import load
 
     path = os.environ.get("PATH", "")
