@@ -522,6 +522,14 @@ def run_unlocked(
     return path, rows
 
 
+RELATIVE_ERROR_NOTE = (
+    "rel. error: |output - exact| / |exact| against exact attention in fp64. On gaussian inputs "
+    "exact attention averages nearly every value, so its output is tiny and a relative error "
+    "of 1 or more says little; on warp-copy (values an image, queries its warped copy) the copy "
+    "PSNR says how well a method copies (higher is better; exact attention about 18 dB)."
+)
+
+
 def summary_table(rows: list[dict]) -> str:
     """A Markdown table of the rows, one line per case."""
 
@@ -562,10 +570,14 @@ def summary_table(rows: list[dict]) -> str:
             "fwd+bwd MiB": mib(r.get("mem_fwdbwd_bytes")),
             "GFLOP/s": r.get("gflops_fwd"),
             "rel. error": r.get("rel_err_out"),
+            "copy PSNR dB": r.get("copy_psnr"),
         }
         for r in rows
     ]
-    return markdown(records, ".3g")
+    table = markdown(records, ".3g")
+    if any(r.get("rel_err_out") is not None for r in rows):
+        table += "\n\n" + RELATIVE_ERROR_NOTE
+    return table
 
 
 def markdown(records: list[dict], floatfmt: str) -> str:

@@ -291,3 +291,22 @@ def test_the_euclid_oracle_never_forms_all_differences_at_once(monkeypatch):
     whole = -0.5 * ((small_q[:, None] - small_k[None]) ** 2).sum(-1)
     monkeypatch.setattr(reference, "DIFFERENCE_ELEMENTS", 29 * 8 * 5)  # chunks of 5 queries
     assert torch.equal(reference.affinity_scores(small_q, small_k, "euclid", 0.5), whole)
+
+
+def test_the_run_summary_says_what_the_relative_error_means():
+    from attnbench import runner
+
+    rows = [r for r in read_rows([FIXTURE]) if r["kind"] == "micro"]
+    gaussian = {**rows[0], "inputs": "gaussian", "rel_err_out": 4.1}
+    copying = {**gaussian, "inputs": "warp-copy", "copy_psnr": 18.5}
+    table = runner.summary_table([gaussian, copying])
+    assert "copy PSNR dB" in table
+    assert "18.5" in table and runner.RELATIVE_ERROR_NOTE in table
+
+
+def test_the_quick_suite_checks_fidelity_on_structured_inputs():
+    from attnbench.suite import load_suites
+
+    suites = load_suites(Path(__file__).parents[1] / "suites" / "quick.yaml")
+    structured = [s for s in suites if s.kind == "micro" and "warp-copy" in s.inputs]
+    assert structured and "fidelity" in structured[0].metrics
