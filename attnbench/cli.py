@@ -101,7 +101,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from attnbench.results import read_rows
-    from attnbench.runner import parse_shard, run_suite, summary_table
+    from attnbench.runner import case_ids, parse_shard, resolve_device, run_suite, summary_table
     from attnbench.suite import SuiteError, load_suites
 
     try:
@@ -117,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 args.out,
                 resume=args.resume,
                 overwrite=args.overwrite,
+                retry_errors=args.retry_errors,
                 shard=shard,
                 device=args.device,
                 progress=not args.no_progress,
@@ -131,9 +132,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             return 130
         if is_main_process():
+            ids = case_ids(suite, resolve_device(args.device or suite.device))
+            every = read_rows([path])
+            mine = [r for r in every if r.get("case_id") in ids]
             print(f"\n## {suite.name}\n")
-            print(summary_table(read_rows([path])))
+            print(summary_table(mine))
             print(f"\n{len(rows)} new rows; all rows in {path}")
+            if len(every) > len(mine):
+                print(
+                    f"note: {len(every) - len(mine)} rows in {path} belong to another "
+                    f"configuration of suite {suite.name!r} (other seeds, parameters, steps or "
+                    "options); this summary leaves them out",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -196,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true", help="skip cases whose rows exist")
     how.add_argument("--overwrite", action="store_true", help="start the results file afresh")
+    how.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="resume, and run again the cases whose rows are errors",
+    )
     p.add_argument("--shard", default="1/1", metavar="i/N", help="run the i-th of N shares")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -222,4 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # start-up included: a message, not a traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130

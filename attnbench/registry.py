@@ -25,6 +25,7 @@ import difflib
 import fnmatch
 import functools
 import importlib
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -56,9 +57,13 @@ class UnsupportedError(ValueError):
     """An implementation was asked to run inputs it cannot run; ``reasons`` lists why."""
 
     def __init__(self, label: str, reasons: list[str]):
+        self.label = label
         self.reasons = list(reasons)
         lines = "\n".join(f"  - {r}" for r in self.reasons)
         super().__init__(f"{label} cannot run these inputs:\n{lines}")
+
+    def __reduce__(self):  # pickles whole, so it crosses process boundaries (pools, DDP)
+        return type(self), (self.label, self.reasons)
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,8 @@ class Param:
         if self.choices is not None:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
-            text = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[
-                self.kind
-            ]
+            words = {int: "an integer", float: "a finite number", str: "a string"}
+            text = words.get(self.kind, "true or false")
             if self.low is not None and self.high is not None:
                 text += f" in [{self.low}, {self.high}]"
             elif self.low is not None:
@@ -108,6 +112,8 @@ class Param:
         )
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
+        if ok and self.kind is float:
+            ok = math.isfinite(value)  # inf or nan would reach a kernel (and Inductor) as is
         if ok and self.choices is not None:
             ok = value in self.choices
         if ok and self.low is not None:
@@ -387,6 +393,10 @@ def import_plugins(modules: list[str]) -> None:
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"plugin module {module!r} cannot be imported: {err}") from err
+        except Exception as err:  # the plugin's own code failed: name it and the error
+            raise ValueError(
+                f"plugin module {module!r} raised {type(err).__name__} on import: {err}"
+            ) from err
 
 
 def list_impls(pattern: str = "*") -> list[str]:

@@ -117,6 +117,31 @@ def append_row(path: str | os.PathLike, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def drop_rows(path: str | os.PathLike, status: str) -> int:
+    """Remove the rows of ``status`` from ``path`` atomically (a new file renamed over it).
+
+    Lines that do not parse stay as they are. Returns how many rows were removed.
+    """
+    path = Path(path)
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("status") == status:
+                    dropped += 1
+                    continue
+            except json.JSONDecodeError:
+                pass
+            kept.append(line if line.endswith("\n") else line + "\n")
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return dropped
+
+
 def read_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
     """Rows of every file in ``paths`` (a directory means its ``*.jsonl``), in order.
 

@@ -10,8 +10,11 @@ so an interrupted run loses nothing and ``resume`` continues it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -20,7 +23,15 @@ import torch.nn.functional as F
 from attnbench import registry
 from attnbench.inputs import make_inputs
 from attnbench.measure import matmul_gflops, peak_memory, time_call
-from attnbench.results import MICRO_KEYS, append_row, context, new_row, now, read_rows
+from attnbench.results import (
+    MICRO_KEYS,
+    append_row,
+    context,
+    drop_rows,
+    new_row,
+    now,
+    read_rows,
+)
 from attnbench.spec import AttentionSpec
 from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, expand_train
 
@@ -265,10 +276,21 @@ def _budget_key(case: MicroCase) -> tuple:
 
 
 def prepare_output(
-    suite: Suite, device: str, out_dir: str | Path, resume: bool, overwrite: bool
+    suite: Suite,
+    device: str,
+    out_dir: str | Path,
+    resume: bool,
+    overwrite: bool,
+    retry_errors: bool = False,
 ) -> tuple[Path, set[str]]:
-    """The results file and the case ids it already holds (with ``resume``)."""
+    """The results file and the case ids it already holds (with ``resume``).
+
+    ``retry_errors`` resumes after removing the rows whose status is ``error``, so that those
+    cases run again. A train suite's checkpoints count as rows: without ``resume`` they are
+    refused, with ``overwrite`` removed.
+    """
     path = output_path(suite, device, out_dir)
+    resume = resume or retry_errors
     if path.exists() and path.stat().st_size and not (resume or overwrite):
         raise ValueError(
             f"{path} already holds rows: pass --resume to continue it, --overwrite to start it "
@@ -276,8 +298,32 @@ def prepare_output(
         )
     if overwrite and path.exists():
         path.unlink()
+    if isinstance(suite, TrainSuite):
+        from attnbench.tasks.copying import checkpoint_path, checkpoint_step
+
+        for case in expand_train(suite, device):
+            checkpoint = checkpoint_path(path.parent, case)
+            if not checkpoint.exists() or resume:
+                continue
+            if overwrite:
+                checkpoint.unlink()
+                continue
+            step = checkpoint_step(checkpoint)
+            raise ValueError(
+                f"{checkpoint} holds {case.impl} seed {case.seed} stopped at step {step}: pass "
+                f"--resume to continue from step {step} or --overwrite to start over"
+            )
+    if retry_errors and path.exists():
+        drop_rows(path, "error")
     done = {r.get("case_id") for r in read_rows([path])} if resume and path.exists() else set()
     return path, done
+
+
+def case_ids(suite: Suite, device: str) -> set[str]:
+    """The ids of every case of ``suite`` on ``device``: rows with other ids in its results
+    file come from another configuration of it."""
+    cases = expand_train(suite, device) if isinstance(suite, TrainSuite) else expand(suite, device)
+    return {case.case_id for case in cases}
 
 
 def take_shard(cases: list, shard: tuple[int, int]) -> list:
@@ -313,6 +359,8 @@ def run_train_suite(
             row = train_case(case, suite, row, path.parent, resume, progress)
         except (torch.OutOfMemoryError, MemoryError) as err:
             row.update(status="oom", reason=f"{type(err).__name__}: {err}".strip())
+        except registry.UnsupportedError as err:
+            row.update(status="unsupported", reason="; ".join(err.reasons))
         except Exception as err:  # a failing run becomes a row; the suite goes on
             row.update(status="error", reason=f"{type(err).__name__}: {err}")
         row["timestamp"] = now()
@@ -322,29 +370,84 @@ def run_train_suite(
     return rows
 
 
+@contextlib.contextmanager
+def results_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (``<path>.lock``, fcntl) while a run writes it.
+
+    Raises:
+        ValueError: another process holds it; the message names that process.
+    """
+    lock_file = path.with_name(path.name + ".lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(
+                f"{path} is being written by another run (process {holder}): wait for it to "
+                "end, or pass --out to write elsewhere"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_suite(
+    suite: Suite,
+    out_dir: str | Path = "results/raw",
+    **options,
+) -> tuple[Path, list[dict]]:
+    """Run ``suite`` (or its ``shard`` i/N share), appending rows to its results file.
+
+    Options: ``resume``, ``overwrite``, ``retry_errors``, ``shard`` (i, N), ``device``,
+    ``progress``, ``min_run_time`` (see :func:`run_unlocked`). One process writes a results
+    file at a time: the first process of a run (rank 0 under torchrun) holds its lock.
+
+    Returns:
+        The results file and the rows written by this call.
+    Raises:
+        ValueError: the file exists and neither ``resume`` nor ``overwrite`` is set, another
+        run is writing it, or a bad device or shard.
+    """
+    device = resolve_device(options.pop("device", None) or suite.device)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {str(out_dir)!r} cannot hold results: {err.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out {str(out_dir)!r} cannot hold results: not writable")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run_unlocked(suite, out_dir, device=device, **options)
+    with results_lock(output_path(suite, device, out_dir)):
+        return run_unlocked(suite, out_dir, device=device, **options)
+
+
+def run_unlocked(
     suite: Suite,
     out_dir: str | Path = "results/raw",
     *,
     resume: bool = False,
     overwrite: bool = False,
+    retry_errors: bool = False,
     shard: tuple[int, int] = (1, 1),
     device: str | None = None,
     progress: bool = True,
     min_run_time: float | None = None,
 ) -> tuple[Path, list[dict]]:
-    """Run ``suite`` (or its ``shard`` i/N share), appending rows to its results file.
-
-    Returns:
-        The results file and the rows written by this call.
-    Raises:
-        ValueError: the file exists and neither ``resume`` nor ``overwrite`` is set, or a bad
-        device or shard.
-    """
+    """:func:`run_suite` without the lock on the results file."""
     from tqdm import tqdm
 
     device = resolve_device(device or suite.device)
-    path, done = prepare_output(suite, device, out_dir, resume, overwrite)
+    path, done = prepare_output(suite, device, out_dir, resume, overwrite, retry_errors)
+    resume = resume or retry_errors
     if isinstance(suite, TrainSuite):
         return path, run_train_suite(suite, path, done, shard, device, resume, progress)
     todo = [c for c in take_shard(expand(suite, device), shard) if c.case_id not in done]
@@ -419,6 +522,14 @@ def run_suite(
     return path, rows
 
 
+RELATIVE_ERROR_NOTE = (
+    "rel. error: |output - exact| / |exact| against exact attention in fp64. On gaussian inputs "
+    "exact attention averages nearly every value, so its output is tiny and a relative error "
+    "of 1 or more says little; on warp-copy (values an image, queries its warped copy) the copy "
+    "PSNR says how well a method copies (higher is better; exact attention about 18 dB)."
+)
+
+
 def summary_table(rows: list[dict]) -> str:
     """A Markdown table of the rows, one line per case."""
 
@@ -459,10 +570,14 @@ def summary_table(rows: list[dict]) -> str:
             "fwd+bwd MiB": mib(r.get("mem_fwdbwd_bytes")),
             "GFLOP/s": r.get("gflops_fwd"),
             "rel. error": r.get("rel_err_out"),
+            "copy PSNR dB": r.get("copy_psnr"),
         }
         for r in rows
     ]
-    return markdown(records, ".3g")
+    table = markdown(records, ".3g")
+    if any(r.get("rel_err_out") is not None for r in rows):
+        table += "\n\n" + RELATIVE_ERROR_NOTE
+    return table
 
 
 def markdown(records: list[dict], floatfmt: str) -> str:

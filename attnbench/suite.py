@@ -317,12 +317,18 @@ def _format_pydantic(file: str, root: type, err: ValidationError) -> list[str]:
     return problems
 
 
+def not_text(path: Path, err: UnicodeDecodeError) -> str:
+    return f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason}); a suite is YAML text"
+
+
 def _read_mapping(path: Path) -> dict:
     """The single YAML mapping in ``path``."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as err:
         raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
+    except UnicodeDecodeError as err:
+        raise SuiteError([not_text(path, err)]) from err
     except yaml.YAMLError as err:
         raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
     if not isinstance(data, dict):
@@ -353,6 +359,8 @@ def load_suites(path: str | Path) -> list[Suite]:
         documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except OSError as err:
         raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
+    except UnicodeDecodeError as err:
+        raise SuiteError([not_text(path, err)]) from err
     except yaml.YAMLError as err:
         raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
     if len(documents) <= 1:

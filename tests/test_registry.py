@@ -85,9 +85,12 @@ def test_unknown_family_suggests_its_members():
     [
         (
             {"scale": "big"},
-            "full.sdpa: parameter scale='big' is not allowed (allowed: a number >= 0.0 or None)",
+            "full.sdpa: parameter scale='big' is not allowed "
+            "(allowed: a finite number >= 0.0 or None)",
         ),
         ({"scale": -1.0}, "full.sdpa: parameter scale=-1.0 is not allowed"),
+        ({"scale": float("inf")}, "full.sdpa: parameter scale=inf is not allowed"),
+        ({"scale": float("nan")}, "full.sdpa: parameter scale=nan is not allowed"),
         ({"scael": 1.0}, "full.sdpa: unknown parameter scael=1.0 (accepted parameters: scale)"),
     ],
 )

@@ -20,11 +20,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from attnbench.report.tables import Table, all_tables, machine_name, machine_of
-from attnbench.results import REQUIRED_KEYS, read_rows
+from attnbench.results import MICRO_KEYS, REQUIRED_KEYS, STATUSES, TRAIN_KEYS, read_rows
 
 TITLE = "# attnbench results"
 
 
+NUMBER_KEYS = set(MICRO_KEYS + TRAIN_KEYS) - {"task", "copy_hit_rate"}
 KIND_KEYS = {
     "micro": ("q_h", "q_w", "kv_h", "kv_w", "channels", "batch", "heads"),
     "train": (),
@@ -88,6 +89,18 @@ def row_problem(row) -> str | None:
     missing = [k for k in KIND_KEYS[row["kind"]] if row.get(k) is None]
     if missing:
         return f"a {row['kind']} row without {missing}"
+    if row["status"] not in STATUSES:
+        return f"status={row['status']!r} (allowed: {', '.join(STATUSES)})"
+    numbers = MICRO_KEYS if row["kind"] == "micro" else TRAIN_KEYS
+    wrong = [
+        f"{key}={row[key]!r}"
+        for key in numbers
+        if key in NUMBER_KEYS
+        and row.get(key) is not None
+        and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))
+    ]
+    if wrong:
+        return f"not numbers: {', '.join(wrong)}"
     return None
 
 

@@ -20,6 +20,7 @@ and grids.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -142,6 +143,22 @@ def batch_items(dataset, step: int, batch: int, rank: int, world_size: int) -> l
     per_rank = batch // world_size
     start = step * batch + rank * per_rank
     return [dataset[(start + j) % len(dataset)] for j in range(per_rank)]
+
+
+def checkpoint_path(out_dir: Path, case: TrainCase) -> Path:
+    """Where a run of ``case`` keeps its checkpoint."""
+    return Path(out_dir) / f"{case.suite}-{case.device}-checkpoints" / f"{case.case_id}.pt"
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """A checkpoint's state; tensors and plain types only (``weights_only``), so that loading a
+    checkpoint someone sent cannot run code."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at."""
+    return int(load_checkpoint(path)["step"])
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -304,9 +321,23 @@ def attention_memory(config, impl: str, params: dict, device: str) -> int:
 @functools.cache
 def _attention_memory(config, impl: str, params: str, device: str) -> int:
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_attention_memory_worker, (config, impl, json.loads(params), device))
+    # Not multiprocessing.Pool: a worker's exception that fails to unpickle hangs a Pool
+    # forever; the executor raises BrokenProcessPool instead.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        future = pool.submit(_attention_memory_worker, config, impl, json.loads(params), device)
+        return future.result()
+
+
+def unsupported_blocks(model, batch: int, device: str) -> list[str]:
+    """Why some copying block's attention cannot train at this batch: ``"<block>: <reason>"``."""
+    reasons = []
+    for name, block in model.attention_blocks():
+        spec = dataclasses.replace(block.spec(batch, device=device), requires_grad=True)
+        reasons += [f"{name}: {r}" for r in block.attention.unsupported_reasons(spec)]
+    return reasons
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:
@@ -347,6 +378,10 @@ def train_case(
     model = model.to(device)
     row["label"] = registry.create(case.impl, **model.attention_params).label
     row["n_params"] = model.n_params()
+    reasons = unsupported_blocks(model, suite.batch // world_size, device)
+    if reasons:
+        row.update(status="unsupported", reason="; ".join(reasons))
+        return row
     row["attn_mem_bytes"] = attention_memory(config, case.impl, case.params_dict, device)
     loss_fn = Loss(suite.loss, device)
     optimiser = torch.optim.Adam(parameter_groups(model, case.lr, case.temperature_lr))
@@ -354,10 +389,10 @@ def train_case(
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
 
-    checkpoint = out_dir / f"{case.suite}-{device}-checkpoints" / f"{case.case_id}.pt"
+    checkpoint = checkpoint_path(out_dir, case)
     start, elapsed, step_times, curve = 0, 0.0, [], []
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint, device)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start, elapsed, step_times = state["step"], state["elapsed"], state["step_times"]

@@ -13,12 +13,21 @@ import torch
 from attnbench.impls.gpa.common import Geometry, GPABase
 from attnbench.registry import register
 
+DIFFERENCE_ELEMENTS = 1 << 22  # entries of one chunk of q - k differences (16 MiB in float32)
+
 
 def affinity_scores(q: torch.Tensor, k: torch.Tensor, affinity: str, scale: float) -> torch.Tensor:
-    """Scores of queries q [n, C] against keys k [m, C]: scale q.k or -scale |q - k|²."""
+    """Scores of queries q [n, C] against keys k [m, C]: scale q.k or -scale |q - k|².
+
+    The differences are formed for a chunk of queries at a time (``DIFFERENCE_ELEMENTS``), so
+    the memory is that of the [n, m] scores whatever C; summing the squared differences (not
+    |q|² + |k|² - 2 q.k) keeps the exact values and the inf semantics of the definition.
+    """
     if affinity == "dot":
         return scale * q @ k.T
-    return -scale * ((q[:, None, :] - k[None, :, :]) ** 2).sum(-1)
+    rows = max(1, DIFFERENCE_ELEMENTS // max(1, k.numel()))
+    chunks = [((q[i : i + rows, None] - k[None]) ** 2).sum(-1) for i in range(0, len(q), rows)]
+    return -scale * (torch.cat(chunks) if chunks else q.new_zeros(0, len(k)))
 
 
 def average_pool(x: torch.Tensor, hw: tuple[int, int], d: int) -> torch.Tensor:

@@ -1,0 +1,312 @@
+"""Faults and bad inputs a user hits (issue 17): each ends with a clear message or a row with a
+status and reason, never a hang, a traceback where a message belongs, or lost rows."""
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnbench import registry
+from attnbench.generators import CopyingGenerator, preset
+from attnbench.results import read_rows
+from attnbench.tasks import copying
+
+FIXTURE = Path(__file__).parent / "fixtures" / "report"
+
+UNRUNNABLE = """
+kind: train
+implementations:
+  - name: gpa.torch
+    params: {topk: 999}
+  - name: none
+steps: 1
+batch: 2
+checkpoint_every: 1
+eval_batch: 2
+grid_samples: 1
+data: {train_size: 2, test_size: 2}
+"""
+
+
+def test_unsupported_error_survives_pickling():
+    err = pickle.loads(pickle.dumps(registry.UnsupportedError("gpa.torch", ["a", "b"])))
+    assert isinstance(err, registry.UnsupportedError)
+    assert err.reasons == ["a", "b"] and "gpa.torch cannot run" in str(err)
+
+
+def test_an_error_in_the_memory_probe_reaches_the_parent():
+    config = preset("cpu64")
+    with pytest.raises(registry.UnsupportedError) as info:  # it used to hang the pool forever
+        copying.attention_memory(config, "gpa.torch", {"topk": 999}, "cpu")
+    assert any("topk=999" in r for r in info.value.reasons)
+
+
+def test_a_training_run_whose_attention_cannot_train_is_an_unsupported_row(tmp_path):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(UNRUNNABLE)
+    command = [sys.executable, "-m", "attnbench", "run", str(suite), "--out", str(tmp_path)]
+    proc = subprocess.run(command + ["--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    gpa, none = read_rows([tmp_path / "bad-cpu.jsonl"])
+    assert gpa["status"] == "unsupported" and none["status"] == "ok", "the suite goes on"
+    for block in ("level2_32x32", "level3_64x64"):
+        assert f"{block}: topk=999 exceeds the 256 low-res keys" in gpa["reason"]
+
+
+def test_every_block_that_cannot_train_is_named():
+    model = CopyingGenerator(preset("cpu64"), "gpa.flex")
+    reasons = copying.unsupported_blocks(model, batch=4, device="cpu")
+    assert [r.split(":")[0] for r in reasons] == ["level2_32x32", "level3_64x64"]
+
+
+TINY = """
+kind: train
+implementations:
+  - name: none
+  - name: full.sdpa
+steps: 4
+batch: 2
+checkpoint_every: 2
+eval_batch: 2
+grid_samples: 1
+data: {train_size: 4, test_size: 2}
+"""
+
+
+def tiny(tmp_path, text=TINY):
+    from attnbench.suite import load_suites
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    (suite,) = load_suites(path)
+    return suite
+
+
+def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path):
+    from attnbench import runner
+    from attnbench.suite import expand_train
+
+    suite = tiny(tmp_path, TINY.replace("  - name: full.sdpa\n", ""))
+    path, _ = runner.run_suite(suite, tmp_path, progress=False)
+    path.unlink()  # as if killed after the last checkpoint, before the row
+    (case,) = expand_train(suite, "cpu")
+    checkpoint = copying.checkpoint_path(tmp_path, case)
+    with pytest.raises(ValueError, match="pass --resume to continue from step 4 or --overwrite"):
+        runner.run_suite(suite, tmp_path, progress=False)
+    assert copying.checkpoint_step(checkpoint) == 4, "the checkpoint is left as it was"
+    _, (row,) = runner.run_suite(suite, tmp_path, overwrite=True, progress=False)
+    assert row["status"] == "ok" and [p["step"] for p in row["hit_curve"]] == [2, 4]
+
+
+def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(tmp_path, monkeypatch):
+    from attnbench import runner
+
+    suite = tiny(tmp_path)
+    train_case = copying.train_case
+
+    def failing(case, *args, **kwargs):
+        if case.impl == "full.sdpa":
+            raise RuntimeError("corrupt checkpoint")
+        return train_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(copying, "train_case", failing)
+    path, _ = runner.run_suite(suite, tmp_path, progress=False)
+    good, bad = read_rows([path])
+    assert bad["status"] == "error"
+    monkeypatch.setattr(copying, "train_case", train_case)
+    _, rows = runner.run_suite(suite, tmp_path, retry_errors=True, progress=False)
+    assert [r["impl"] for r in rows] == ["full.sdpa"], "only the failed case runs again"
+    assert read_rows([path]) == [good, rows[0]] and rows[0]["status"] == "ok"
+
+
+def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
+    import pathlib
+
+    import torch
+
+    from attnbench import runner
+    from attnbench.suite import expand_train
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return pathlib.Path.touch, (marker,)
+
+    suite = tiny(tmp_path, TINY.replace("  - name: full.sdpa\n", ""))
+    (case,) = expand_train(suite, "cpu")
+    checkpoint = copying.checkpoint_path(tmp_path, case)
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"step": 2, "payload": Payload()}, checkpoint)
+    _, (row,) = runner.run_suite(suite, tmp_path, resume=True, progress=False)
+    assert row["status"] == "error" and "weights_only" in row["reason"].lower().replace(" ", "_")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "attnbench", "list", "gpa.cpp"],
+        ["-c", "import attnbench.impls.gpa.reference, torch.utils.cpp_extension; print('gpa.cpp')"],
+    ],
+)
+def test_commands_do_not_print_the_cuda_home_notice(command):
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "gpa.cpp" in proc.stdout and "No CUDA runtime is found" not in proc.stderr
+
+
+def test_a_second_run_into_the_same_results_file_is_refused(tmp_path):
+    from attnbench import runner
+
+    suite = tiny(tmp_path)
+    path = runner.output_path(suite, "cpu", tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from attnbench.runner import results_lock"
+            "\nwith results_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n"
+            "    time.sleep(120)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"another run \\(process {holder.pid}\\)"):
+            runner.run_suite(suite, tmp_path, progress=False)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert not path.exists(), "the refused run wrote nothing"
+    with runner.results_lock(path):  # free again once the holder is gone
+        pass
+
+
+def test_a_resumed_run_with_another_configuration_summarises_only_its_own_rows(tmp_path, capsys):
+    from attnbench import cli
+
+    one = TINY.replace("  - name: full.sdpa\n", "")
+    (tmp_path / "tiny.yaml").write_text(one + "seeds: [0]\n")
+    args = ["run", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 0
+    (tmp_path / "tiny.yaml").write_text(one + "seeds: [1]\n")
+    capsys.readouterr()
+    assert cli.main(args + ["--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 rows in" in err and "another configuration" in err
+    table = [line for line in out.splitlines() if line.startswith("| none")]
+    assert len(table) == 1 and "|      1 |" in table[0], out
+    assert len(read_rows([tmp_path / "tiny-cpu.jsonl"])) == 2, "the other seed's row stays"
+
+
+def test_a_binary_suite_file_is_named_and_validate_checks_the_rest(tmp_path, capsys):
+    from attnbench import cli
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"kind: micro\n\xff\xfe\x00garbage")
+    good = tmp_path / "good.yaml"
+    good.write_text("implementations: [{name: none}]\nmaps: [[8, 8]]\n")
+    assert cli.main(["validate", str(binary), str(good)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{binary}: not a UTF-8 text file (byte 12" in err
+    assert f"{good}: ok" in out
+
+
+def test_a_plugin_that_raises_on_import_is_named(tmp_path, monkeypatch):
+    from attnbench.suite import SuiteError, load_suites
+
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('no licence server')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    suite = tmp_path / "s.yaml"
+    suite.write_text("plugins: [broken_plugin]\nimplementations: [{name: none}]\nmaps: [[8, 8]]\n")
+    with pytest.raises(SuiteError, match="'broken_plugin' raised RuntimeError on import: no lic"):
+        load_suites(suite)
+
+
+def test_report_skips_rows_with_wrong_types_or_statuses(tmp_path):
+    import json
+
+    from attnbench import report
+
+    base = next(r for r in read_rows([FIXTURE]) if r["kind"] == "micro")
+    bad_type = {**base, "case_id": "b1", "time_fwd_ms": "fast"}
+    bad_status = {**base, "case_id": "b2", "status": "great"}
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (base, bad_type, bad_status)))
+    with pytest.warns(UserWarning) as caught:
+        rows = report.load([results])
+    assert [r["case_id"] for r in rows] == [base["case_id"]]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "row 2 skipped: not numbers: time_fwd_ms='fast'" in messages
+    assert "row 3 skipped: status='great'" in messages
+
+
+def test_out_pointing_at_a_file_is_a_message(tmp_path, capsys):
+    from attnbench import cli
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("implementations: [{name: none}]\nmaps: [[8, 8]]\nmetrics: [fidelity]\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["run", str(suite), "--out", str(blocker), "--no-progress"]) == 2
+    assert f"--out '{blocker}' cannot hold results" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_is_a_message(monkeypatch, capsys):
+    from attnbench import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["list"].set_defaults(func=interrupted)
+    assert cli.main(["list"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_an_infinite_scale_is_refused_before_it_reaches_a_compiler():
+    with pytest.raises(ValueError, match=r"gpa.flex: parameter scale=inf .*a finite number"):
+        registry.create("gpa.flex", scale=float("inf"))
+
+
+def test_the_euclid_oracle_never_forms_all_differences_at_once(monkeypatch):
+    import torch
+    from torch.profiler import profile
+
+    from attnbench.impls.gpa import reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1024, 64, generator=g)  # all differences at once: 256 MiB
+    with profile(profile_memory=True) as prof:
+        reference.affinity_scores(q, k, "euclid", 0.5)
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    assert largest <= 4 * reference.DIFFERENCE_ELEMENTS, f"{largest / 2**20:.0f} MiB at once"
+    small_q, small_k = q[:37, :8], k[:29, :8]
+    whole = -0.5 * ((small_q[:, None] - small_k[None]) ** 2).sum(-1)
+    monkeypatch.setattr(reference, "DIFFERENCE_ELEMENTS", 29 * 8 * 5)  # chunks of 5 queries
+    assert torch.equal(reference.affinity_scores(small_q, small_k, "euclid", 0.5), whole)
+
+
+def test_the_run_summary_says_what_the_relative_error_means():
+    from attnbench import runner
+
+    rows = [r for r in read_rows([FIXTURE]) if r["kind"] == "micro"]
+    gaussian = {**rows[0], "inputs": "gaussian", "rel_err_out": 4.1}
+    copying = {**gaussian, "inputs": "warp-copy", "copy_psnr": 18.5}
+    table = runner.summary_table([gaussian, copying])
+    assert "copy PSNR dB" in table
+    assert "18.5" in table and runner.RELATIVE_ERROR_NOTE in table
+
+
+def test_the_quick_suite_checks_fidelity_on_structured_inputs():
+    from attnbench.suite import load_suites
+
+    suites = load_suites(Path(__file__).parents[1] / "suites" / "quick.yaml")
+    structured = [s for s in suites if s.kind == "micro" and "warp-copy" in s.inputs]
+    assert structured and "fidelity" in structured[0].metrics
