@@ -285,12 +285,11 @@ def prepare_output(
 ) -> tuple[Path, set[str]]:
     """The results file and the case ids it already holds (with ``resume``).
 
-    ``retry_errors`` resumes after removing the rows whose status is ``error``, so that those
-    cases run again. A train suite's checkpoints count as rows: without ``resume`` they are
-    refused, with ``overwrite`` removed.
+    ``retry_errors`` (with ``resume``) first removes the rows whose status is ``error``, so that
+    those cases run again. A train suite's checkpoints count as rows: without ``resume`` they
+    are refused, with ``overwrite`` removed.
     """
     path = output_path(suite, device, out_dir)
-    resume = resume or retry_errors
     if path.exists() and path.stat().st_size and not (resume or overwrite):
         raise ValueError(
             f"{path} already holds rows: pass --resume to continue it, --overwrite to start it "
@@ -446,8 +445,8 @@ def run_unlocked(
     from tqdm import tqdm
 
     device = resolve_device(device or suite.device)
-    path, done = prepare_output(suite, device, out_dir, resume, overwrite, retry_errors)
     resume = resume or retry_errors
+    path, done = prepare_output(suite, device, out_dir, resume, overwrite, retry_errors)
     if isinstance(suite, TrainSuite):
         return path, run_train_suite(suite, path, done, shard, device, resume, progress)
     todo = [c for c in take_shard(expand(suite, device), shard) if c.case_id not in done]
@@ -526,7 +525,7 @@ RELATIVE_ERROR_NOTE = (
     "rel. error: |output - exact| / |exact| against exact attention in fp64. On gaussian inputs "
     "exact attention averages nearly every value, so its output is tiny and a relative error "
     "of 1 or more says little; on warp-copy (values an image, queries its warped copy) the copy "
-    "PSNR says how well a method copies (higher is better; exact attention about 18 dB)."
+    "PSNR says how well a method copies (higher is better; full.sdpa's row is exact)."
 )
 
 

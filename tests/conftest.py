@@ -17,3 +17,17 @@ def run_python(code: str, env: dict | None = None, cwd=None) -> subprocess.Compl
 @pytest.fixture
 def fresh_python():
     return run_python
+
+
+@pytest.fixture
+def suite_from_text(tmp_path):
+    """Load the one suite of a YAML text, written to ``tmp_path / "tiny.yaml"``."""
+    from attnbench.suite import load_suites
+
+    def load(text: str):
+        path = tmp_path / "tiny.yaml"
+        path.write_text(text)
+        (suite,) = load_suites(path)
+        return suite
+
+    return load

@@ -30,15 +30,8 @@ data: {train_size: 12, test_size: 4}
 """
 
 
-def tiny(tmp_path, text=TINY):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(text)
-    (suite,) = load_suites(path)
-    return suite
-
-
-def test_train_rows_metrics_and_grid(tmp_path):
-    path, rows = runner.run_suite(tiny(tmp_path), tmp_path, progress=False)
+def test_train_rows_metrics_and_grid(tmp_path, suite_from_text):
+    path, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     assert [r["label"] for r in rows] == ["none", "gpa.torch(res=16,s=2,k=12)"]
     for row in read_rows([path]):
         assert row["status"] == "ok", row["reason"]
@@ -56,8 +49,8 @@ def test_train_rows_metrics_and_grid(tmp_path):
     assert none["n_params"] == gpa["n_params"], "only the attention differs between methods"
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    suite = tiny(tmp_path, TINY.replace("  - name: gpa.torch\n", ""))
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monkeypatch):
+    suite = suite_from_text(TINY.replace("  - name: gpa.torch\n", ""))
     _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
 
     real_save = copying.save_checkpoint
@@ -80,9 +73,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
-def test_non_finite_loss_is_a_diverged_row(tmp_path, monkeypatch):
+def test_non_finite_loss_is_a_diverged_row(tmp_path, suite_from_text, monkeypatch):
     monkeypatch.setattr(copying.Loss, "__call__", lambda self, p, t: (p * float("nan")).mean())
-    _, rows = runner.run_suite(tiny(tmp_path), tmp_path, progress=False)
+    _, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     for row in rows:
         assert row["status"] == "diverged" and row["reason"] == "loss became nan at step 0"
 
@@ -136,8 +129,8 @@ def test_lpips_loads_weights_found_on_disk(tmp_path, monkeypatch):
     assert model(images, torch.rand(2, 3, 32, 32)).item() > 0
 
 
-def test_rows_carry_the_copy_hit_rate_and_its_curve(tmp_path):
-    _, rows = runner.run_suite(tiny(tmp_path), tmp_path, progress=False)
+def test_rows_carry_the_copy_hit_rate_and_its_curve(tmp_path, suite_from_text):
+    _, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     for row in rows:
         hits = row["copy_hit_rate"]
         assert set(hits["levels"]) == {"level0_8x8", "level1_16x16", "level2_32x32", "level3_64x64"}
@@ -149,11 +142,11 @@ def test_rows_carry_the_copy_hit_rate_and_its_curve(tmp_path):
     assert none["copy_hit_rate"]["levels"]["level0_8x8"]["r1"] > 0, "full.sdpa below them"
 
 
-def test_no_copying_at_any_level(tmp_path):
+def test_no_copying_at_any_level(tmp_path, suite_from_text):
     text = TINY.replace(
         "  - name: gpa.torch\n", "    generator: {small_attention: none}\n"
     ).replace("  - name: none\n", "  - name: none\n  - name: none\n")
-    _, (large_only, everywhere) = runner.run_suite(tiny(tmp_path, text), tmp_path, progress=False)
+    _, (large_only, everywhere) = runner.run_suite(suite_from_text(text), tmp_path, progress=False)
     assert everywhere["generator"] == {"small_attention": "none"}
     assert large_only["case_id"] != everywhere["case_id"]
     levels = everywhere["copy_hit_rate"]["levels"]
@@ -172,11 +165,11 @@ class FakeClock:
         return self.now
 
 
-def test_time_budget_stops_within_one_step_and_resumes(tmp_path, monkeypatch):
+def test_time_budget_stops_within_one_step_and_resumes(tmp_path, suite_from_text, monkeypatch):
     text = TINY.replace("  - name: gpa.torch\n", "").replace(
         "steps: 6", "steps: 100\nbudget: {minutes: 0.5}"
     )
-    suite = tiny(tmp_path, text)
+    suite = suite_from_text(text)
     monkeypatch.setattr(copying, "clock", FakeClock())
     _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
     assert whole["steps"] == 6 and whole["train_time_s"] == pytest.approx(30)
@@ -189,7 +182,7 @@ def test_time_budget_stops_within_one_step_and_resumes(tmp_path, monkeypatch):
         real_save(path, state)
         raise KeyboardInterrupt
 
-    suite = tiny(tmp_path, text.replace("checkpoint_every: 3", "checkpoint_every: 2"))
+    suite = suite_from_text(text.replace("checkpoint_every: 3", "checkpoint_every: 2"))
     monkeypatch.setattr(copying, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         runner.run_suite(suite, tmp_path / "cut", progress=False)

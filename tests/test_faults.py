@@ -75,20 +75,11 @@ data: {train_size: 4, test_size: 2}
 """
 
 
-def tiny(tmp_path, text=TINY):
-    from attnbench.suite import load_suites
-
-    path = tmp_path / "tiny.yaml"
-    path.write_text(text)
-    (suite,) = load_suites(path)
-    return suite
-
-
-def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path):
+def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path, suite_from_text):
     from attnbench import runner
     from attnbench.suite import expand_train
 
-    suite = tiny(tmp_path, TINY.replace("  - name: full.sdpa\n", ""))
+    suite = suite_from_text(TINY.replace("  - name: full.sdpa\n", ""))
     path, _ = runner.run_suite(suite, tmp_path, progress=False)
     path.unlink()  # as if killed after the last checkpoint, before the row
     (case,) = expand_train(suite, "cpu")
@@ -100,10 +91,12 @@ def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path):
     assert row["status"] == "ok" and [p["step"] for p in row["hit_curve"]] == [2, 4]
 
 
-def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(tmp_path, monkeypatch):
+def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(
+    tmp_path, suite_from_text, monkeypatch
+):
     from attnbench import runner
 
-    suite = tiny(tmp_path)
+    suite = suite_from_text(TINY)
     train_case = copying.train_case
 
     def failing(case, *args, **kwargs):
@@ -121,7 +114,7 @@ def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(tmp_path, monke
     assert read_rows([path]) == [good, rows[0]] and rows[0]["status"] == "ok"
 
 
-def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
+def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path, suite_from_text):
     import pathlib
 
     import torch
@@ -135,7 +128,7 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
         def __reduce__(self):
             return pathlib.Path.touch, (marker,)
 
-    suite = tiny(tmp_path, TINY.replace("  - name: full.sdpa\n", ""))
+    suite = suite_from_text(TINY.replace("  - name: full.sdpa\n", ""))
     (case,) = expand_train(suite, "cpu")
     checkpoint = copying.checkpoint_path(tmp_path, case)
     checkpoint.parent.mkdir(parents=True)
@@ -158,10 +151,10 @@ def test_commands_do_not_print_the_cuda_home_notice(command):
     assert "gpa.cpp" in proc.stdout and "No CUDA runtime is found" not in proc.stderr
 
 
-def test_a_second_run_into_the_same_results_file_is_refused(tmp_path):
+def test_a_second_run_into_the_same_results_file_is_refused(tmp_path, suite_from_text):
     from attnbench import runner
 
-    suite = tiny(tmp_path)
+    suite = suite_from_text(TINY)
     path = runner.output_path(suite, "cpu", tmp_path)
     holder = subprocess.Popen(
         [
