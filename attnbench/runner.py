@@ -298,7 +298,7 @@ def prepare_output(
     if overwrite and path.exists():
         path.unlink()
     if isinstance(suite, TrainSuite):
-        from attnbench.tasks.copying import checkpoint_path, checkpoint_step
+        from attnbench.tasks.training import checkpoint_path, checkpoint_step
 
         for case in expand_train(suite, device):
             checkpoint = checkpoint_path(path.parent, case)
@@ -343,7 +343,7 @@ def run_train_suite(
     """Train every case not yet in ``path``; rank 0 appends one row per case."""
     from tqdm import tqdm
 
-    from attnbench.tasks.copying import empty_train_row, init_distributed, train_case, world
+    from attnbench.tasks.training import empty_train_row, init_distributed, train_case, world
 
     init_distributed(device)
     rank, _ = world()

@@ -163,6 +163,38 @@ class Budget:
 
 
 @dataclass(frozen=True, config=CONFIG)
+class GanConfig:
+    """The pose task's adversarial loss L_GAN: a StyleGAN2-style discriminator on (image, pose).
+
+    Non-saturating logistic loss; the lazy R1 penalty (gamma / 2 times the squared gradient of
+    the real logits by the real images) every ``r1_every`` steps, scaled by ``r1_every``; its
+    own Adam (``lr``, betas ``betas``). ``channels``: the discriminator's block widths from the
+    full-resolution block down (one per halving to 4x4).
+    """
+
+    lr: Annotated[float, Field(gt=0)] = 2e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.0,
+        0.99,
+    )
+    r1_gamma: Annotated[float, Field(ge=0)] = 1.0
+    r1_every: PositiveInt = 16
+    channels: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (32, 64, 128, 128)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class PoseConfig:
+    """The pose task's loss weights: L = perceptual L_per(G(M1, B1, B2), M2) + self L_self
+    (the affine self-supervision of M1) + gan L_GAN. L_per and L_self use the suite's
+    ``loss`` (l1, lpips or a weighted sum); a weight of 0 leaves its term out."""
+
+    perceptual: Annotated[float, Field(ge=0)] = 1.0
+    self: Annotated[float, Field(ge=0)] = 1.0
+    gan: Annotated[float, Field(ge=0)] = 0.05
+    discriminator: GanConfig = GanConfig()
+
+
+@dataclass(frozen=True, config=CONFIG)
 class TrainSuite:
     """A training suite: the same generator trained with each implementation and seed.
 
@@ -184,7 +216,8 @@ class TrainSuite:
     implementations: Annotated[tuple[ImplEntry, ...], Field(min_length=1)]
     steps: PositiveInt
     budget: Budget | None = None
-    task: Literal["copying"] = "copying"
+    task: Literal["copying", "pose"] = "copying"
+    pose: PoseConfig | None = None
     preset: str = "cpu64"
     generator: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = DataConfig()
@@ -464,6 +497,19 @@ def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
     for key in needs:
         if getattr(data, key) is None:
             problems.append(f"{file}: data.{key}: required when data.source is {data.source!r}")
+    if suite.pose is not None and suite.task != "pose":
+        problems.append(f"{file}: pose: only for task: pose (this suite's task is {suite.task!r})")
+    if suite.task == "pose":
+        if data.source == "folder":
+            problems.append(
+                f"{file}: data.source: 'folder' has no poses to morph between (allowed for task "
+                "pose: mannequin, deepfashion with data.pairs)"
+            )
+        if data.source == "deepfashion" and data.pairs is None:
+            problems.append(f"{file}: data.pairs: required for task pose with DeepFashion")
+        weights = suite.pose or PoseConfig()
+        if not (weights.perceptual or weights.self or weights.gan):
+            problems.append(f"{file}: pose: every loss weight is 0 (allowed: at least one > 0)")
     if isinstance(suite.loss, dict) and not any(suite.loss.values()):
         problems.append(f"{file}: loss: every weight is 0 (allowed: at least one weight > 0)")
     return problems
@@ -611,6 +657,7 @@ class TrainCase(CaseIdentity):
         "schedule": "constant",
         "warmup_steps": 0,
         "temperature_lr": None,
+        "task_config": "{}",
     }
 
     suite: str
@@ -630,6 +677,7 @@ class TrainCase(CaseIdentity):
     schedule: str = "constant"
     warmup_steps: int = 0
     temperature_lr: float | None = None
+    task_config: str = "{}"
 
 
 def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
@@ -639,6 +687,10 @@ def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
     if data["pose"] == "heatmaps":  # the default hashes as it did before the key existed
         del data["pose"]
     data = json.dumps(data, sort_keys=True)
+    task_config = {}
+    if suite.task == "pose":
+        task_config = dataclasses.asdict(suite.pose or PoseConfig())
+    task_config = json.dumps(task_config, sort_keys=True)
     return [
         TrainCase(
             suite=suite.name,
@@ -658,6 +710,7 @@ def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
             schedule=suite.schedule,
             warmup_steps=suite.warmup_steps,
             temperature_lr=suite.temperature_lr,
+            task_config=task_config,
         )
         for entry in suite.implementations
         for combo in sweep(entry.params)

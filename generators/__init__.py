@@ -7,6 +7,7 @@ attention at the small levels and the implementation under test at the large one
 
 from attnbench.generators.blocks import AttentionCopy, ConvBlock
 from attnbench.generators.config import GeneratorConfig
+from attnbench.generators.discriminator import Discriminator
 from attnbench.generators.presets import PRESETS, preset
 from attnbench.generators.unet import CopyingGenerator, UNetDecoder, UNetEncoder
 
@@ -15,6 +16,7 @@ __all__ = [
     "AttentionCopy",
     "ConvBlock",
     "CopyingGenerator",
+    "Discriminator",
     "GeneratorConfig",
     "UNetDecoder",
     "UNetEncoder",

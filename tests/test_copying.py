@@ -12,7 +12,7 @@ from attnbench import runner
 from attnbench.metrics import MetricUnavailable, image_metrics, lpips_model, lpips_weights_file
 from attnbench.results import TRAIN_KEYS, read_rows
 from attnbench.suite import load_suites
-from attnbench.tasks import copying
+from attnbench.tasks import training
 
 TINY = """
 kind: train
@@ -53,7 +53,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monk
     suite = suite_from_text(TINY.replace("  - name: gpa.torch\n", ""))
     _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
 
-    real_save = copying.save_checkpoint
+    real_save = training.save_checkpoint
     saves = []
 
     def save_then_die(path, state):
@@ -62,11 +62,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monk
         if state["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(copying, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         runner.run_suite(suite, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "tiny-cpu.jsonl").exists(), "no row for an unfinished run"
-    monkeypatch.setattr(copying, "save_checkpoint", real_save)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
     _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
     assert saves == [3]
     for key in ("test_l1", "test_loss", "ssim", "psnr"):
@@ -74,7 +74,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monk
 
 
 def test_non_finite_loss_is_a_diverged_row(tmp_path, suite_from_text, monkeypatch):
-    monkeypatch.setattr(copying.Loss, "__call__", lambda self, p, t: (p * float("nan")).mean())
+    monkeypatch.setattr(training.Loss, "__call__", lambda self, p, t: (p * float("nan")).mean())
     _, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     for row in rows:
         assert row["status"] == "diverged" and row["reason"] == "loss became nan at step 0"
@@ -170,32 +170,32 @@ def test_time_budget_stops_within_one_step_and_resumes(tmp_path, suite_from_text
         "steps: 6", "steps: 100\nbudget: {minutes: 0.5}"
     )
     suite = suite_from_text(text)
-    monkeypatch.setattr(copying, "clock", FakeClock())
+    monkeypatch.setattr(training, "clock", FakeClock())
     _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
     assert whole["steps"] == 6 and whole["train_time_s"] == pytest.approx(30)
     assert whole["max_steps"] == 100 and whole["budget_minutes"] == 0.5
     assert [point["step"] for point in whole["hit_curve"]] == [3, 6]
 
-    real_save = copying.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
         raise KeyboardInterrupt
 
     suite = suite_from_text(text.replace("checkpoint_every: 3", "checkpoint_every: 2"))
-    monkeypatch.setattr(copying, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         runner.run_suite(suite, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(copying, "save_checkpoint", real_save)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
     _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
     assert resumed["steps"] == 6 and resumed["train_time_s"] == pytest.approx(30)
     assert [point["step"] for point in resumed["hit_curve"]] == [2, 4, 6]
 
 
 def test_learning_rate_schedule():
-    constant = copying.LearningRate(1.0, 100, None, "constant", warmup=4)
+    constant = training.LearningRate(1.0, 100, None, "constant", warmup=4)
     assert [constant(s, 0) for s in (0, 3, 50)] == [0.25, 1.0, 1.0]
-    cosine = copying.LearningRate(1.0, 100, 60.0, "cosine", warmup=0)
+    cosine = training.LearningRate(1.0, 100, 60.0, "cosine", warmup=0)
     assert cosine(0, 0) == 1.0 and cosine(50, 0) == pytest.approx(0.5)
     assert cosine(10, 30.0) == pytest.approx(0.5), "time budget half used: half way"
     assert cosine(100, 0) == pytest.approx(0.0)

@@ -11,7 +11,7 @@ import pytest
 from attnbench import registry
 from attnbench.generators import CopyingGenerator, preset
 from attnbench.results import read_rows
-from attnbench.tasks import copying
+from attnbench.tasks import training
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
 
@@ -39,7 +39,7 @@ def test_unsupported_error_survives_pickling():
 def test_an_error_in_the_memory_probe_reaches_the_parent():
     config = preset("cpu64")
     with pytest.raises(registry.UnsupportedError) as info:  # it used to hang the pool forever
-        copying.attention_memory(config, "gpa.torch", {"topk": 999}, "cpu")
+        training.attention_memory(config, "gpa.torch", {"topk": 999}, "cpu")
     assert any("topk=999" in r for r in info.value.reasons)
 
 
@@ -57,7 +57,7 @@ def test_a_training_run_whose_attention_cannot_train_is_an_unsupported_row(tmp_p
 
 def test_every_block_that_cannot_train_is_named():
     model = CopyingGenerator(preset("cpu64"), "gpa.flex")
-    reasons = copying.unsupported_blocks(model, batch=4, device="cpu")
+    reasons = training.unsupported_blocks(model, batch=4, device="cpu")
     assert [r.split(":")[0] for r in reasons] == ["level2_32x32", "level3_64x64"]
 
 
@@ -83,10 +83,10 @@ def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path, suite_
     path, _ = runner.run_suite(suite, tmp_path, progress=False)
     path.unlink()  # as if killed after the last checkpoint, before the row
     (case,) = expand_train(suite, "cpu")
-    checkpoint = copying.checkpoint_path(tmp_path, case)
+    checkpoint = training.checkpoint_path(tmp_path, case)
     with pytest.raises(ValueError, match="pass --resume to continue from step 4 or --overwrite"):
         runner.run_suite(suite, tmp_path, progress=False)
-    assert copying.checkpoint_step(checkpoint) == 4, "the checkpoint is left as it was"
+    assert training.checkpoint_step(checkpoint) == 4, "the checkpoint is left as it was"
     _, (row,) = runner.run_suite(suite, tmp_path, overwrite=True, progress=False)
     assert row["status"] == "ok" and [p["step"] for p in row["hit_curve"]] == [2, 4]
 
@@ -97,18 +97,18 @@ def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(
     from attnbench import runner
 
     suite = suite_from_text(TINY)
-    train_case = copying.train_case
+    train_case = training.train_case
 
     def failing(case, *args, **kwargs):
         if case.impl == "full.sdpa":
             raise RuntimeError("corrupt checkpoint")
         return train_case(case, *args, **kwargs)
 
-    monkeypatch.setattr(copying, "train_case", failing)
+    monkeypatch.setattr(training, "train_case", failing)
     path, _ = runner.run_suite(suite, tmp_path, progress=False)
     good, bad = read_rows([path])
     assert bad["status"] == "error"
-    monkeypatch.setattr(copying, "train_case", train_case)
+    monkeypatch.setattr(training, "train_case", train_case)
     _, rows = runner.run_suite(suite, tmp_path, retry_errors=True, progress=False)
     assert [r["impl"] for r in rows] == ["full.sdpa"], "only the failed case runs again"
     assert read_rows([path]) == [good, rows[0]] and rows[0]["status"] == "ok"
@@ -130,7 +130,7 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path, suite_from_text):
 
     suite = suite_from_text(TINY.replace("  - name: full.sdpa\n", ""))
     (case,) = expand_train(suite, "cpu")
-    checkpoint = copying.checkpoint_path(tmp_path, case)
+    checkpoint = training.checkpoint_path(tmp_path, case)
     checkpoint.parent.mkdir(parents=True)
     torch.save({"step": 2, "payload": Payload()}, checkpoint)
     _, (row,) = runner.run_suite(suite, tmp_path, resume=True, progress=False)

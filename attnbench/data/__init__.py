@@ -19,6 +19,7 @@ from attnbench.data.loaders import (
     AffineCopyDataset,
     DeepFashion,
     ImageFolder,
+    PosePairDataset,
     read_annotations,
     read_pairs,
 )
@@ -29,6 +30,7 @@ from attnbench.data.pose import (
     SKELETON,
     default_sigma,
     heatmaps,
+    limb_flow,
     missing_mask,
 )
 
@@ -42,11 +44,13 @@ __all__ = [
     "DeepFashion",
     "ImageFolder",
     "Mannequin",
+    "PosePairDataset",
     "affine_pair",
     "coordinate_map",
     "default_sigma",
     "derive_seed",
     "heatmaps",
+    "limb_flow",
     "missing_mask",
     "random_affine",
     "read_annotations",

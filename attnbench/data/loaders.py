@@ -8,6 +8,7 @@
   OpenPose keypoints per image, y and x stored separately, -1 for missing), an optional pairs
   file ``from,to`` and a folder of images (256 x 176 in the published files).
 - ``AffineCopyDataset``: item i of a fixed, reproducible set of affine pairs from any source.
+- ``PosePairDataset``: item i of a fixed set of pose-morphing pairs (one appearance, two poses).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from attnbench.data.affine import WARP_NOISE, affine_pair, coordinate_map
 from attnbench.data.mannequin import Mannequin, derive_seed, single_thread
-from attnbench.data.pose import MISSING, NUM_KEYPOINTS, default_sigma, heatmaps
+from attnbench.data.pose import MISSING, NUM_KEYPOINTS, default_sigma, heatmaps, limb_flow
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FITS = ("stretch", "pad")
 ANNOTATION_HEADER = ["name", "keypoints_y", "keypoints_x"]
 PAIRS_HEADER = ["from", "to"]
 _AFFINE_ITEM = 4  # tag that separates an item's theta seed from the mannequin's seeds
+_POSE_ITEM = 5  # likewise for the self-supervision warp of a pose pair
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -359,3 +361,78 @@ class AffineCopyDataset(Dataset):
                 sample = self.source.sample(index % len(self.source))
             pair = affine_pair(sample, generator, self.sigma, self.noise, self.coords)
         return {key: value for key, value in pair.items() if value is not None}
+
+
+class PosePairDataset(Dataset):
+    """A fixed set of ``length`` pose-morphing pairs: one appearance in two poses.
+
+    Item i is pair i of the source (a ``Mannequin``: ``pair(seed, i)``, a new appearance and two
+    random poses; ``DeepFashion``: ``pair(i % len(pairs))`` of its pairs file). Keys: ``source``
+    (M1), ``source_pose`` (B1), ``target`` (M2), ``target_pose`` (B2), and the affine
+    self-supervision pair of the source (``affine_pair`` of M1 with its own generator seeded by
+    (seed, i)): ``self_target`` and ``self_target_pose``, whose source is M1 with B1. A Mannequin
+    item also has ``correspondence`` [2, H, W] (``Mannequin.correspondence``: the true source
+    pixel of every visible figure pixel of the target, -1 elsewhere).
+
+    Args:
+        source: a Mannequin, or a DeepFashion with a pairs file.
+        length: number of items.
+        seed: the set's seed (Mannequin; DeepFashion pairs are taken in file order).
+        sigma: heatmap sigma in pixels.
+        noise: the self-supervision warp, theta = identity + U(-noise, noise).
+        coords: both poses also get 2 coordinate channels: the source its coordinate map, the
+            target where each of its pixels lies in the source as far as the keypoints tell
+            (``limb_flow``); the self-supervision pair its warped coordinate map.
+    """
+
+    def __init__(
+        self,
+        source: Mannequin | DeepFashion,
+        length: int,
+        seed: int,
+        sigma: float,
+        noise: float = WARP_NOISE,
+        coords: bool = False,
+    ) -> None:
+        if length < 1:
+            raise ValueError(f"length={length} (must be >= 1)")
+        if not sigma > 0:
+            raise ValueError(f"sigma={sigma} (must be > 0)")
+        if not isinstance(source, Mannequin | DeepFashion):
+            raise ValueError(
+                f"pose pairs need a Mannequin or a DeepFashion source, got {type(source).__name__}"
+            )
+        if isinstance(source, DeepFashion) and not source.pairs():
+            raise ValueError("pose pairs from DeepFashion need its pairs file (data.pairs)")
+        self.source, self.length, self.seed = source, int(length), int(seed)
+        self.sigma, self.noise, self.coords = float(sigma), float(noise), bool(coords)
+        self.pose_channels = source.pose_channels + (2 if self.coords else 0)
+        self.size = source.size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, index, _POSE_ITEM))
+        with single_thread():
+            if isinstance(self.source, Mannequin):
+                first, second = self.source.pair(self.seed, index)
+            else:
+                first, second = self.source.pair(index % len(self.source.pairs()))
+            item = {
+                "source": first["image"],
+                "source_pose": heatmaps(first["keypoints"], self.size, self.sigma),
+                "target": second["image"],
+                "target_pose": heatmaps(second["keypoints"], self.size, self.sigma),
+            }
+            if self.coords:
+                flow = limb_flow(first["keypoints"], second["keypoints"], self.size)
+                item["source_pose"] = torch.cat([item["source_pose"], coordinate_map(self.size)])
+                item["target_pose"] = torch.cat([item["target_pose"], flow])
+            warped = affine_pair(first, generator, self.sigma, self.noise, self.coords)
+            item["self_target"], item["self_target_pose"] = warped["target"], warped["target_pose"]
+            if isinstance(self.source, Mannequin):
+                item["correspondence"] = Mannequin.correspondence(first, second)
+        return item

@@ -388,8 +388,9 @@ class Mannequin:
     def sample(self, seed: int, index: int) -> dict:
         """One figure as a dict.
 
-        Keys: ``image`` [3, H, W], ``keypoints`` [18, 2], ``heatmaps`` [18, H, W] and
-        ``appearance`` (the int id).
+        Keys: ``image`` [3, H, W], ``keypoints`` [18, 2], ``heatmaps`` [18, H, W],
+        ``appearance`` (the int id), ``part_map`` [H, W] and ``bones`` [P, 4] (see
+        ``_draw_parts``; ``correspondence`` reads them).
         """
         appearance = make_appearance(self.appearance_id(seed, index))
         rng = random.Random(derive_seed(seed, index, _POSE))
@@ -429,13 +430,54 @@ class Mannequin:
             if p is not None:
                 keypoints[k] = torch.tensor([p[0] * scale + off_x, p[1] * scale + off_y])
         image = self.background(appearance)
-        self._draw_parts(image, appearance, pose, scale, (off_x, off_y))
+        part_map, bones = self._draw_parts(image, appearance, pose, scale, (off_x, off_y))
         return {
             "image": image.clamp_(0, 1),
             "keypoints": keypoints,
             "heatmaps": heatmaps(keypoints, self.size, self.sigma),
             "appearance": appearance.id,
+            "part_map": part_map,
+            "bones": bones,
         }
+
+    @staticmethod
+    def correspondence(source: dict, target: dict) -> torch.Tensor:
+        """[2, H, W]: for every target pixel on the figure, the source pixel showing the same point.
+
+        Both are ``draw`` results of one appearance at one scale (``pair``). A point of a part
+        is named by its fraction f along the part's bone and its offset v across it in pixels
+        (the texture's own coordinates, so equal (f, v) show the same texture in both poses).
+        The result holds (x, y) source pixel coordinates, and -1 where the target pixel shows
+        the background or its point is hidden in the source (another part is drawn in front of
+        it there, or it falls outside the canvas).
+        """
+        labels = target["part_map"]
+        h, w = labels.shape
+        on = labels >= 0
+        part = labels.clamp_min(0)
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+        )
+
+        def frame(bones: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            a, b = bones[part, :2], bones[part, 2:]  # (H, W, 2) each
+            bone = b - a
+            length = bone.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            e = bone / length
+            return a, bone, e, torch.stack([e[..., 1], -e[..., 0]], dim=-1)  # normal: v's axis
+
+        a_t, bone_t, e_t, n_t = frame(target["bones"])
+        d = torch.stack([xs, ys], dim=-1) - a_t
+        f = (d * e_t).sum(-1, keepdim=True) / bone_t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        v = (d * n_t).sum(-1, keepdim=True)
+        a_s, bone_s, _, n_s = frame(source["bones"])
+        point = a_s + f * bone_s + v * n_s  # (H, W, 2) (x, y) in the source
+        col, row = point[..., 0].round().long(), point[..., 1].round().long()
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        seen = source["part_map"][row.clamp(0, h - 1), col.clamp(0, w - 1)] == labels
+        valid = on & inside & seen
+        point = torch.where(valid.unsqueeze(-1), point, torch.full_like(point, MISSING))
+        return point.permute(2, 0, 1).to(torch.float32)
 
     def background(self, appearance: Appearance) -> torch.Tensor:
         """[3, H, W]: a bilinear gradient of four corner colours, maybe with a faint pattern."""
@@ -463,8 +505,13 @@ class Mannequin:
         pose: Pose,
         scale: float,
         offset: tuple[float, float],
-    ) -> None:
-        """Blend every part of ``pose`` into ``image`` [3, H, W] in drawing order (in place)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blend every part of ``pose`` into ``image`` [3, H, W] in drawing order (in place).
+
+        Returns the part map [H, W] int64 (the index in drawing order of the part covering each
+        pixel more than half, the frontmost one; -1 for the background) and the bones [P, 4]
+        float64 (a_x, a_y, b_x, b_y in pixels).
+        """
         h, w = self.size
         parts = pose.parts
         n = len(parts)
@@ -528,10 +575,14 @@ class Mannequin:
         # Shading across the bone gives the parts some relief.
         colour = colour * (1 - 0.3 * (v / half).square().clamp(max=1)).unsqueeze(1)
 
+        part_map = torch.full((h, w), -1, dtype=torch.int64)
         for i in range(n):  # blend in drawing order
             ys_, xs_ = slice(int(y0[i]), int(y0[i]) + win_h), slice(int(x0[i]), int(x0[i]) + win_w)
             window = image[:, ys_, xs_]
             window.add_(alpha[i] * (colour[i] - window))
+            labels = part_map[ys_, xs_]
+            labels.copy_(torch.where(alpha[i] > 0.5, i, labels))
+        return part_map, torch.cat([a, b], dim=1)
 
     @staticmethod
     def _draw_logo(

@@ -83,3 +83,60 @@ def heatmaps(keypoints: torch.Tensor, size: tuple[int, int], sigma: float) -> to
     gy = torch.exp(scale * (ys - kp[..., 1:2]) ** 2)  # (..., 18, H)
     gy = gy * (~missing_mask(kp)).unsqueeze(-1)  # zero channels for missing keypoints
     return gy.unsqueeze(-1) * gx.unsqueeze(-2)  # (..., 18, H, W)
+
+
+def limb_flow(
+    source_keypoints: torch.Tensor,
+    target_keypoints: torch.Tensor,
+    size: tuple[int, int],
+    radius: float | None = None,
+) -> torch.Tensor:
+    """[2, H, W]: where each target pixel's content lies in the source, estimated from keypoints.
+
+    The limb-wise affine estimate of deformable skip connections (Siarohin et al. 2018): a
+    target pixel near a limb (a ``SKELETON`` bone whose two keypoints are present in both poses)
+    takes the nearest such limb, its position along it (fraction t of the bone) and its offset
+    across it in pixels, and lands at the same t and offset of that limb in the source. Pixels
+    farther than ``radius`` from every limb (the background) stay where they are. Coordinates
+    are normalised like ``coordinate_map`` (pixel centres in (-1, 1)), clamped to the image.
+
+    Args:
+        source_keypoints, target_keypoints: [18, 2] (x, y) pixel coordinates, negative for missing.
+        size: (H, W) of both images.
+        radius: in pixels; default min(H, W) / 10.
+    """
+    check_keypoints(source_keypoints)
+    check_keypoints(target_keypoints)
+    h, w = size
+    radius = min(h, w) / 10 if radius is None else float(radius)
+    if not radius > 0:
+        raise ValueError(f"radius={radius} (must be > 0)")
+    src, tgt = source_keypoints.to(torch.float64), target_keypoints.to(torch.float64)
+    present = ~(missing_mask(src) | missing_mask(tgt))
+    limbs = [(i, j) for i, j in SKELETON if present[i] and present[j]]
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    pixels = torch.stack([xs, ys], dim=-1)  # (H, W, 2)
+    flow = pixels.clone()
+    if limbs:
+        i, j = torch.tensor(limbs).T
+        a_t, bone_t = tgt[i], tgt[j] - tgt[i]  # (L, 2)
+        a_s, bone_s = src[i], src[j] - src[i]
+        d = pixels.unsqueeze(-2) - a_t  # (H, W, L, 2)
+        t = (d * bone_t).sum(-1) / (bone_t * bone_t).sum(-1).clamp_min(1e-6)  # (H, W, L)
+        distance = (d - t.clamp(0, 1).unsqueeze(-1) * bone_t).norm(dim=-1)
+        nearest = distance.argmin(-1, keepdim=True)  # (H, W, 1)
+
+        def normal(bone: torch.Tensor) -> torch.Tensor:
+            unit = bone / bone.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            return torch.stack([unit[:, 1], -unit[:, 0]], dim=-1)
+
+        across = (d * normal(bone_t)).sum(-1)  # (H, W, L) pixels
+        mapped = a_s + t.unsqueeze(-1) * bone_s + across.unsqueeze(-1) * normal(bone_s)
+        mapped = mapped.gather(-2, nearest.unsqueeze(-1).expand(h, w, 1, 2)).squeeze(-2)
+        near = distance.gather(-1, nearest) <= radius  # (H, W, 1)
+        flow = torch.where(near, mapped, pixels)
+    flow = torch.stack([flow[..., 0].clamp(0, w - 1), flow[..., 1].clamp(0, h - 1)])
+    scale = torch.tensor([w, h], dtype=torch.float64).view(2, 1, 1)
+    return ((2 * flow + 1) / scale - 1).to(torch.float32)

@@ -79,6 +79,48 @@ def hit_mass(
             f" kv_hw={kv_hw} (allowed: weights [B, H, hq*wq, hk*wk], theta [B, 2, 3])"
         )
     points, inside = source_points(theta.to(weights.device), q_hw, kv_hw)  # (B, Nq, 2), (B, Nq)
+    return hit_mass_at(weights, points, inside, kv_hw, radii)
+
+
+def correspondence_points(
+    correspondence: torch.Tensor, q_hw: tuple[int, int], kv_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``source_points`` for pairs whose true source is a map rather than a warp.
+
+    Args:
+        correspondence: [B, 2, H, W] (x, y) source pixel of every full-resolution target pixel,
+            negative where it has none (``Mannequin.correspondence``).
+        q_hw, kv_hw: the block's query and key maps (each a whole-factor downscale of H x W).
+
+    Returns:
+        points [B, Nq, 2] in key-map pixel coordinates and inside [B, Nq]: the full-resolution
+        target pixel nearest each query pixel's centre has a source.
+    """
+    b, _, h, w = correspondence.shape
+    (hq, wq), (hk, wk) = q_hw, kv_hw
+    centres = pixel_centres(q_hw, correspondence.device)  # (Nq, 2) in query-map pixels
+    cols = ((centres[:, 0] + 0.5) * w / wq - 0.5).round().long().clamp(0, w - 1)
+    rows = ((centres[:, 1] + 0.5) * h / hq - 0.5).round().long().clamp(0, h - 1)
+    full = correspondence[:, :, rows, cols].to(torch.float64).transpose(1, 2)  # (B, Nq, 2)
+    inside = (full >= 0).all(-1)
+    scale = torch.tensor([wk / w, hk / h], dtype=torch.float64, device=full.device)
+    return (full + 0.5) * scale - 0.5, inside
+
+
+def hit_mass_at(
+    weights: torch.Tensor,
+    points: torch.Tensor,
+    inside: torch.Tensor,
+    kv_hw: tuple[int, int],
+    radii: tuple[int, ...] = RADII,
+) -> tuple[dict[int, float], int]:
+    """``hit_mass`` given every query's true source ``points`` [B, Nq, 2] (key-map pixels) and
+    which of them count, ``inside`` [B, Nq]."""
+    if points.shape != (*weights.shape[:1], weights.shape[2], 2) or inside.shape != points.shape[:2]:
+        raise ValueError(
+            f"points {tuple(points.shape)}, inside {tuple(inside.shape)} do not fit weights "
+            f"{tuple(weights.shape)} (allowed: points [B, Nq, 2], inside [B, Nq])"
+        )
     hk, wk = kv_hw
     mean_weights = weights.mean(dim=1)  # (B, Nq, Nk); only the picked entries go to float64
     masses = {}
