@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+import pandas as pd
+
 STATUSES = ("ok", "unsupported", "oom", "error", "diverged")
 
 REQUIRED_KEYS = (
@@ -31,6 +33,12 @@ TRAIN_KEYS = (
     "task", "steps", "train_time_s", "step_time_s", "test_l1", "test_loss", "ssim", "psnr",
     "lpips", "fid", "attn_mem_bytes", "n_params", "copy_hit_rate",
 )  # fmt: skip
+NUMBER_KEYS = set(MICRO_KEYS + TRAIN_KEYS) - {"task", "copy_hit_rate"}
+KIND_KEYS = {  # the keys a row of each kind must have non-null
+    "micro": ("q_h", "q_w", "kv_h", "kv_w", "channels", "batch", "heads"),
+    "train": (),
+}
+MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
 
 
 def git_commit() -> str | None:
@@ -164,3 +172,142 @@ def read_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
                         f"{file}:{number}: skipped a truncated or malformed row", stacklevel=2
                     )
     return rows
+
+
+def row_problem(row) -> str | None:
+    """Why ``row`` is not a result row, or None."""
+    if not isinstance(row, dict):
+        return f"not a JSON object but {type(row).__name__}"
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        return f"without the required keys {missing}"
+    if row["kind"] not in KIND_KEYS:
+        return f"kind={row['kind']!r} (allowed: {', '.join(KIND_KEYS)})"
+    missing = [k for k in KIND_KEYS[row["kind"]] if row.get(k) is None]
+    if missing:
+        return f"a {row['kind']} row without {missing}"
+    if row["status"] not in STATUSES:
+        return f"status={row['status']!r} (allowed: {', '.join(STATUSES)})"
+    wrong = [
+        f"{key}={row[key]!r}"
+        for key in (MICRO_KEYS if row["kind"] == "micro" else TRAIN_KEYS)
+        if key in NUMBER_KEYS
+        and row.get(key) is not None
+        and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))
+    ]
+    if wrong:
+        return f"not numbers: {', '.join(wrong)}"
+    return None
+
+
+def valid_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """The result rows of every ``*.jsonl`` file in ``paths`` (files or directories), each file
+    once, as dicts.
+
+    A row's ``grid_png`` (relative to its results file) is resolved into ``grid_png_path``.
+    A line that is not a row (:func:`row_problem`: not an object, an unknown ``kind`` or
+    ``status``, without the keys its kind needs, a number that is not one) is skipped with a
+    warning naming the file, the row and the keys.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or no results file at all.
+        ValueError: the files hold no rows.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"results path {str(p)!r} does not exist")
+        for file in sorted(p.glob("*.jsonl")) if p.is_dir() else [p]:
+            if file.resolve() not in [f.resolve() for f in files]:
+                files.append(file)
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl results file in {', '.join(map(str, paths))}")
+    rows = []
+    for file in files:
+        for number, row in enumerate(read_rows([file]), 1):
+            problem = row_problem(row)
+            if problem:
+                warnings.warn(f"{file}: row {number} skipped: {problem}", stacklevel=2)
+                continue
+            if row.get("grid_png"):
+                row["grid_png_path"] = str(file.parent / row["grid_png"])
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"no result rows in {', '.join(map(str, files))}")
+    return rows
+
+
+def machine_name(machine: tuple) -> str:
+    """``Intel(R) Xeon(R) Processor (cpu), 2 threads, torch 2.14.1`` for the values of
+    :data:`MACHINE_KEYS`."""
+    device, name, threads, torch_version = machine
+    threads_text = {1: "1 thread", None: "threads unknown"}.get(threads, f"{threads} threads")
+    return f"{name} ({device}), {threads_text}, torch {torch_version}"
+
+
+def typed(values: pd.Series) -> pd.Series:
+    """A column of JSON values as its type: integers as int64 (pandas' nullable Int64 where some
+    rows have none), other numbers as float64 with NaN for null, anything else as it is."""
+    kinds = {type(v) for v in values.dropna()}
+    if kinds and kinds <= {int}:
+        return values.astype("int64" if values.notna().all() else "Int64")
+    if kinds and kinds <= {int, float}:
+        return values.astype("float64")
+    return values
+
+
+def frame(rows: list[dict], kind: str | None = None) -> pd.DataFrame:
+    """Rows (dicts as :func:`valid_rows` gives them) as a DataFrame: see :func:`load`."""
+    if kind is not None and kind not in KIND_KEYS:
+        raise ValueError(f"kind={kind!r} (allowed: {', '.join(KIND_KEYS)})")
+    rows = [r for r in rows if kind in (None, r["kind"])]
+    flat = [
+        {k: v for k, v in r.items() if k != "params"}
+        | {f"params.{k}": v for k, v in (r.get("params") or {}).items()}
+        for r in rows
+    ]
+    df = pd.DataFrame(
+        {
+            key: pd.Series([r.get(key) for r in flat], dtype=object)
+            for key in dict.fromkeys(
+                [*(k for k in REQUIRED_KEYS if k != "params"), *(k for r in flat for k in r)]
+            )
+        }
+    )
+    for key in df:
+        df[key] = typed(df[key])
+        if key in NUMBER_KEYS and df[key].dtype == object:  # null in every row
+            df[key] = df[key].astype("float64")
+    df["status"] = pd.Categorical(df["status"], categories=STATUSES)
+    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True, format="ISO8601")
+    machines = [tuple(r.get(k) for k in MACHINE_KEYS) for r in rows]
+    order = sorted(set(machines), key=lambda m: [(v is not None, v) for v in m])
+    df["machine"] = pd.Categorical(
+        [machine_name(m) for m in machines],
+        categories=list(dict.fromkeys(map(machine_name, order))),
+    )
+    key = ["machine", "suite", "case_id", "seed"]
+    for _, repeat in df[df.duplicated(key)].iterrows():
+        warnings.warn(
+            f"case {repeat['case_id']} of suite {repeat['suite']!r} is in the rows more than "
+            "once; keeping the newest",
+            stacklevel=3,
+        )
+    newest = df.sort_values("timestamp", kind="stable").drop_duplicates(key, keep="last")
+    return newest.sort_index().reset_index(drop=True)
+
+
+def load(paths: Iterable[str | os.PathLike], kind: str | None = None) -> pd.DataFrame:
+    """Every result row of ``paths`` (files or directories of ``*.jsonl``) as a DataFrame.
+
+    Rows are validated as by :func:`valid_rows` (lines that are not rows are skipped with a
+    warning). One column per key; ``params`` becomes one ``params.<name>`` column per
+    parameter (empty where a row lacks it); integers are int64 (nullable Int64 where some rows
+    lack them), other numbers float64 with NaN for null; ``status`` is a categorical of
+    :data:`STATUSES`; ``timestamp`` a UTC datetime; ``machine`` names the device, processor or
+    GPU, thread count and torch version in one categorical, so that grouping by it never mixes
+    machines.
+    A case seen twice on one machine (same suite, case and seed) is kept once: the newest.
+    ``kind`` (``micro`` or ``train``) keeps the rows of that kind only.
+    """
+    return frame(valid_rows(paths), kind)

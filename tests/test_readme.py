@@ -30,3 +30,11 @@ def test_gpa_example_runs(fresh_python):
     proc = fresh_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "gpa.torch(d=4,s=2,k=8) (1, 1, 256, 8)"
+
+
+def test_results_notebook_example_runs(fresh_python):
+    (code,) = python_blocks("Reports")
+    proc = fresh_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[:2] == ["impl", "full.naive"], proc.stdout  # methods as columns
+    assert "Intel(R) Xeon(R) Processor (cpu), 2 threads" in proc.stdout  # rows per machine
