@@ -149,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from attnbench.report import load, write_report
+    from attnbench.report import write_report
+    from attnbench.results import load
 
     try:
         rows = load(args.results)

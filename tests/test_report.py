@@ -1,4 +1,8 @@
-"""attnbench report: tables against hand-computed values and a checked-in fixture; plots."""
+"""attnbench report: tables against hand-computed values and a checked-in fixture; plots.
+
+Table and plot functions take the result frame; rows written here as dicts become one through
+:func:`attnbench.report.tables.prepare`, as :func:`attnbench.results.frame` gives it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -22,7 +27,6 @@ from attnbench.report.tables import (
     fidelity_table,
     kappa_fidelity_table,
     kappa_training_table,
-    machine_name,
     markdown_table,
     micro_table,
     not_run_table,
@@ -30,7 +34,7 @@ from attnbench.report.tables import (
     scaling_table,
     welch,
 )
-from attnbench.results import REQUIRED_KEYS
+from attnbench.results import REQUIRED_KEYS, machine_name
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = re.compile(r"\((ms|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label ends in its unit
@@ -93,17 +97,21 @@ def train_row(impl: str, seed: int, l1: float, **extra) -> dict:
     return row | extra
 
 
+def records(section) -> list[dict]:
+    """A section's records as dicts (NaN where a value is null)."""
+    return section.records.to_dict("records")
+
+
 def test_speedup_is_the_baseline_time_over_the_method_time():
     rows = [
         micro_row("full.sdpa", 32, 40.0, 100),
         micro_row("none", 32, 2.5, 10),
         micro_row("none", 64, 1.0, 10),  # no baseline at 64: no speed-up
     ]
-    records = micro_table(rows).sections[0].records
-    by_key = {(r["label"], r["map"]): r for r in records}
+    by_key = {(r["label"], r["map"]): r for r in records(micro_table(rows).sections[0])}
     assert by_key["none", "32x32"]["speedup_fwd"] == pytest.approx(16.0)
     assert by_key["full.sdpa", "32x32"]["speedup_fwd"] == pytest.approx(1.0)
-    assert by_key["none", "64x64"]["speedup_fwd"] is None
+    assert pd.isna(by_key["none", "64x64"]["speedup_fwd"])
 
 
 def test_scaling_fits_power_laws_and_finds_where_a_method_overtakes():
@@ -113,7 +121,7 @@ def test_scaling_fits_power_laws_and_finds_where_a_method_overtakes():
     rows += [micro_row("performer.torch", s, 0.05 * s * s, 3000 * s * s) for s in sides]
     rows.append(micro_row("performer.torch", 256, None, None))  # not run: not part of the fit
     (section,) = scaling_table(rows).sections
-    by_method = {r["method"].split("(")[0]: r for r in section.records}
+    by_method = {r["method"].split("(")[0]: r for r in records(section)}
     assert by_method["full.sdpa"]["time_exponent"] == pytest.approx(2.0)
     assert by_method["full.sdpa"]["memory_exponent"] == pytest.approx(1.0)
     performer = by_method["performer.torch"]
@@ -133,7 +141,7 @@ def test_copying_means_and_stds_over_seeds_per_machine():
         machine_name(("cpu", "Test CPU", 2, "2.0")),
         machine_name(("cpu", "Test CPU", 8, "2.0")),
     ]
-    mine, theirs = (s.records[0] for s in table.sections)
+    mine, theirs = (records(s)[0] for s in table.sections)
     assert mine["test_l1"] == pytest.approx(statistics.fmean(l1.values()))
     assert mine["test_l1_std"] == pytest.approx(statistics.stdev(l1.values()))
     assert mine["runs"] == "3/4"  # the diverged run is counted, not averaged
@@ -156,7 +164,7 @@ def test_welch_p_value_is_scipys_and_empty_below_two_seeds_a_side():
 def test_copying_compares_psnr_and_hit_rate_with_none_and_full_by_welch():
     rows = load([FIXTURE / "rows.jsonl"])
     (section,) = [s for s in copying_table(rows).sections if s.context["suite"] == "copying-budget"]
-    records = {r["label"]: r for r in section.records}
+    by_label = {r["label"]: r for r in records(section)}
     budget = [r for r in rows if r["suite"] == "copying-budget" and r["status"] == "ok"]
 
     def values(label: str, generator: dict, key: str) -> list[float]:
@@ -168,20 +176,20 @@ def test_copying_compares_psnr_and_hit_rate_with_none_and_full_by_welch():
     no_copying = values("none", {"small_attention": "none"}, "psnr")
     assert len(none["psnr"]) == len(full["psnr"]) == 3 and len(no_copying) == 2
     welch_p = stats.ttest_ind(full["psnr"], none["psnr"], equal_var=False).pvalue
-    full_record = records["full.sdpa(scale=None)"]
+    full_record = by_label["full.sdpa(scale=None)"]
     assert full_record["psnr_p_vs_none"] == pytest.approx(welch_p)
     assert full_record["psnr_vs_none"] == pytest.approx(
         statistics.fmean(full["psnr"]) - statistics.fmean(none["psnr"])
     )
     welch_p = stats.ttest_ind(full["hit"], none["hit"], equal_var=False).pvalue
     assert full_record["hit_r1_p_vs_none"] == pytest.approx(welch_p)
-    assert full_record["psnr_vs_full"] is None  # not compared with itself
-    no_record = records["none (no copying at any level)"]
+    assert pd.isna(full_record["psnr_vs_full"])  # not compared with itself
+    no_record = by_label["none (no copying at any level)"]
     welch_p = stats.ttest_ind(no_copying, full["psnr"], equal_var=False).pvalue
     assert no_record["psnr_p_vs_full"] == pytest.approx(welch_p)
-    gpa = records["gpa.torch(res=16,s=2,k=12)"]
-    assert gpa["runs"] == "1/2" and gpa["psnr_vs_none"] is not None
-    assert gpa["psnr_p_vs_none"] is None and gpa["psnr_p_vs_full"] is None  # one seed
+    gpa = by_label["gpa.torch(res=16,s=2,k=12)"]
+    assert gpa["runs"] == "1/2" and pd.notna(gpa["psnr_vs_none"])
+    assert pd.isna(gpa["psnr_p_vs_none"]) and pd.isna(gpa["psnr_p_vs_full"])  # one seed
     assert "2000 steps or 2 min of training" in section.heading
     assert gpa["steps_done"] == 895  # the ok run's, as it stopped on its budget
 
@@ -193,15 +201,15 @@ def test_generator_overrides_make_a_method_of_their_own():
     rows += [train_row("none", s, 0.20, psnr=12.0 + s, generator=no_copying) for s in (2, 3)]
     rows += [train_row("full.sdpa", 4, 0.05, generator=shared | {"affinity": "euclid"})]
     (section,) = copying_table(rows).sections
-    assert [r["label"] for r in section.records] == [
+    assert [r["label"] for r in records(section)] == [
         "none",
         "none (no copying at any level)",
         "full.sdpa (affinity=euclid)",
     ]
-    none, no, _ = section.records
+    none, no, _ = records(section)
     assert (none["test_l1"], no["test_l1"]) == (pytest.approx(0.10), pytest.approx(0.20))
     assert no["psnr_vs_none"] == pytest.approx(-1.0)  # against the plain none, not itself
-    assert none["psnr_vs_none"] is None
+    assert pd.isna(none["psnr_vs_none"])
     assert "generator coords=qk" in section.heading
     assert section.context["generator"] == "coords=qk"
 
@@ -209,23 +217,23 @@ def test_generator_overrides_make_a_method_of_their_own():
 def test_rows_without_copy_hit_rate_leave_the_hit_rate_out():
     old = [train_row("none", s, 0.1) for s in (0, 1)]  # written before the hit rate existed
     (section,) = copying_table(old).sections
-    assert section.records[0]["hit_r1"] is None
+    assert pd.isna(records(section)[0]["hit_r1"])
     assert "hit rate" not in markdown_table(copying_table(old).cols, section.records)
     new = [train_row("full.sdpa", s, 0.1, copy_hit_rate=hits(0.1 * s, 0.2 * s)) for s in (1, 2)]
     failed = train_row("full.sdpa", 3, None, status="error", reason="boom", copy_hit_rate=None)
     old_full = train_row("full.sdpa", 0, 0.1)
     (section,) = copying_table(old + new + [failed, old_full]).sections
-    full = section.records[1]
+    full = records(section)[1]
     assert full["runs"] == "3/4"
     assert full["hit_r1"] == pytest.approx(0.15) and full["hit_r2"] == pytest.approx(0.3)
-    assert full["hit_r1_p_vs_none"] is None  # none has no hit rate
+    assert pd.isna(full["hit_r1_p_vs_none"])  # none has no hit rate
 
 
 def test_not_run_lists_every_row_that_is_not_ok_with_its_reason():
     rows = [micro_row("full.sdpa", 32, 1.0, 1), micro_row("none", 64, None, None)]
     rows.append(train_row("none", 0, None, status="error", reason="boom"))
     (section,) = not_run_table(rows).sections
-    assert [(r["label"], r["status"], r["reason"]) for r in section.records] == [
+    assert [(r["label"], r["status"], r["reason"]) for r in records(section)] == [
         ("none", "unsupported", "too big"),
         ("none", "error", "boom"),
     ]
@@ -351,7 +359,7 @@ def test_overtakes_needs_every_larger_size_to_be_below():
 def test_machines_with_unknown_thread_counts_sort_and_stay_apart():
     rows = [train_row("none", 0, 0.1, threads=None), train_row("none", 0, 0.2)]
     table = copying_table(rows)
-    assert [s.records[0]["test_l1"] for s in table.sections] == [0.1, 0.2]
+    assert [records(s)[0]["test_l1"] for s in table.sections] == [0.1, 0.2]
     assert "threads unknown" in table.sections[0].heading
 
 
@@ -359,21 +367,21 @@ def test_a_diverged_run_counts_in_its_methods_section():
     rows = [train_row("none", s, 0.1) for s in (0, 1)]
     rows.append(train_row("none", 2, None, status="diverged", steps=3, reason="loss became nan"))
     (section,) = copying_table(rows).sections
-    assert section.records[0]["runs"] == "2/3"
+    assert records(section)[0]["runs"] == "2/3"
     assert "10 steps" in section.heading
 
 
 def test_kappa_of_an_implementation_not_installed_here_is_left_out():
     rows = [train_row("gpa.elsewhere", s, 0.1, params={"cell": 2}) for s in (0, 1)]
-    rows += [train_row("gpa.torch", 0, 0.1, params={"topk": k}) for k in (4, 8)]
+    rows += [train_row("gpa.torch", 0, 0.1, params={"topk": k}, case_id=f"k{k}") for k in (4, 8)]
     (section,) = kappa_training_table(rows).sections
-    assert [r["topk"] for r in section.records] == [4, 8]
+    assert [r["topk"] for r in records(section)] == [4, 8]
 
 
 def test_micro_table_keeps_rows_measured_only_forward_and_backward():
     row = micro_row("full.sdpa", 32, None, None, status="ok", reason=None, time_fwdbwd_ms=3.0)
     (section,) = micro_table([row]).sections
-    assert section.records[0]["time_fwdbwd_ms"] == 3.0
+    assert records(section)[0]["time_fwdbwd_ms"] == 3.0
 
 
 def test_load_reads_each_file_once_and_rejects_files_without_rows(tmp_path):
@@ -416,7 +424,7 @@ def test_hit_curve_plots_one_line_per_method_and_skips_rows_without_curves():
 
 def test_plots_of_two_partitions_of_one_suite_get_two_files(tmp_path):
     rows = [train_row("none", s, 0.1) for s in (0, 1)]
-    rows += [train_row("none", s, 0.2, preset="other") for s in (0, 1)]
+    rows += [train_row("none", s, 0.2, preset="other", case_id=f"o{s}") for s in (0, 1)]
     written = write_report(rows, tmp_path)
     names = sorted(p.name for p in written if p.name.startswith("t-memory-vs-l1"))
     assert names == ["t-memory-vs-l1-2.png", "t-memory-vs-l1.png"]
@@ -449,13 +457,13 @@ def test_fidelity_keeps_warp_match_sharpnesses_apart():
         rows += [scored("gpa.torch", "warp-match", sharpness, psnr - k, topk=k) for k in (8, 4)]
     table = fidelity_table(rows)
     copy, match = table.sections
-    assert [(r["sharpness"], r["copy_psnr"]) for r in match.records] == [
+    assert [(r["sharpness"], r["copy_psnr"]) for r in records(match)] == [
         (1.0, 22.0), (1.0, 18.0), (1.0, 14.0), (4.0, 32.0), (4.0, 28.0), (4.0, 24.0),
     ]  # fmt: skip
     assert "sharpness" not in markdown_table(table.cols, copy.records)
     assert "| sharpness |" in markdown_table(table.cols, match.records)
     (kappa,) = kappa_fidelity_table(rows).sections  # GPA only on warp-match
-    assert [(r["sharpness"], r["topk"]) for r in kappa.records] == [
+    assert [(r["sharpness"], r["topk"]) for r in records(kappa)] == [
         (1.0, 4), (1.0, 8), (4.0, 4), (4.0, 8),
     ]  # fmt: skip
     ((_, fig),) = fidelity_vs_memory(rows)
@@ -465,4 +473,4 @@ def test_fidelity_keeps_warp_match_sharpnesses_apart():
         "warp-match inputs, sharpness 1",
         "warp-match inputs, sharpness 4",
     ]
-    assert [len(ax.collections) for ax in fig.axes] == [1, 3, 3]
+    assert [len(ax.collections[0].get_offsets()) for ax in fig.axes] == [1, 3, 3]

@@ -1,53 +1,46 @@
-"""Plots from result rows, one figure per question (PNG, via seaborn on matplotlib).
+"""Plots from the result frame, one figure per question (PNG, via seaborn on matplotlib).
 
 Each function returns ``(name, figure)`` pairs; the caller saves them as ``plots/<name>.png``.
 Every figure has a title, axes labelled with units and a legend. Figures are built on
 :class:`matplotlib.figure.Figure` objects, so making a report touches no global pyplot state.
-Rows of different machines never share a figure (:func:`attnbench.report.tables.machine_of`).
+Rows of different machines never share a figure. Every method the rows hold is drawn: methods
+are seaborn's ``hue``, in report order.
 """
 
 from __future__ import annotations
 
-import math
 import re
 
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
-from matplotlib.transforms import blended_transform_factory
 
 from attnbench.report.tables import (
     BASELINE,
+    METHOD,
     MIB,
     NO_ATTENTION,
-    by_method,
+    SERIES,
+    TRAIN_KEY,
+    groups,
     kappa_groups,
-    machine_name,
-    machine_of,
-    mean_std,
     method_label,
-    method_rank,
     micro_rows,
-    partition,
-    reference_runs,
+    prepare,
     scored_rows,
     series_heading,
-    series_key,
-    sort_key,
     timed,
-    tokens,
-    topk_of,
-    train_key,
     train_methods,
     train_rows,
+    with_series,
 )
 
 STYLE = "whitegrid"
-NOT_RUN_MARKER = "x"
+NOT_RUN_MARKER = "X"
 MARKERS = "osD^v<>pPX*hH8d"  # filled; with tab20 colours no two methods look alike
-JITTER = 1.06  # horizontal factor between the not-run markers of neighbouring methods
 FACET_COLUMNS = 3  # panels side by side in a figure of several input families
+LEGEND = {"loc": "center left", "bbox_to_anchor": (1.01, 0.5), "fontsize": 8, "title": None}
 
 
 def slug(text: str) -> str:
@@ -64,79 +57,68 @@ def palette(n: int) -> list:
     return sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
 
 
-def name_for(base: str, machine: tuple, machines: set) -> str:
+def name_for(base: str, machine: str, machines: set) -> str:
     """``base``, with the machine appended when the rows come from more than one machine."""
-    return base if len(machines) == 1 else f"{base}-{slug(machine_name(machine))}"
+    return base if len(machines) == 1 else f"{base}-{slug(machine)}"
 
 
-def ordered_methods(rows: list[dict]) -> list[tuple[tuple, list[dict]]]:
-    """Rows by method, in report order."""
-    return sorted(by_method(rows).items(), key=lambda kv: method_rank(kv[1][0]))
+def labelled_runs(part: pd.DataFrame) -> pd.DataFrame:
+    """The ok runs of a training section with their method's label (``method``) and its rank
+    (``rank``, report order)."""
+    methods = train_methods(part).reset_index(drop=True)[[*METHOD, "method"]]
+    methods["rank"] = range(len(methods))
+    ok = part[part["status"] == "ok"]
+    return ok.merge(methods, on=METHOD).sort_values(["rank", "seed"])
 
 
-def memory_vs_l1(rows: list[dict]) -> list[tuple[str, Figure]]:
-    """Attention memory against held-out L1 with error bars over seeds (the paper's Fig. 5a)."""
+def memory_vs_l1(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """Attention memory against held-out L1, mean ± sd over seeds (the paper's Fig. 5a)."""
     figures = []
-    train = train_rows(rows)
-    machines = {machine_of(r) for r in train}
-    for key, part in partition(train, train_key):
-        machine, suite = key[0], key[1]
-        methods = [
-            (label, ok)
-            for label, runs in train_methods(part)
-            if (ok := [r for r in runs if r["status"] == "ok"])
-        ]
-        if not methods:
+    train = train_rows(prepare(rows))
+    machines = set(train["machine"])
+    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+        runs = labelled_runs(part).dropna(subset=["test_l1", "attn_mem_bytes"])
+        if runs.empty:
             continue
+        method = groups(runs, "rank")["method"]
+        runs = runs.assign(
+            label=method.transform(lambda m: f"{m.iloc[0]} (n={len(m)})"),
+            memory=groups(runs, "rank")["attn_mem_bytes"].transform("mean").astype(float) / MIB,
+        )
+        labels = list(dict.fromkeys(runs["label"]))
         with sns.axes_style(STYLE):
             fig = new_figure(8, 5)
             ax = fig.add_subplot()
-            for colour, (label, runs) in zip(palette(len(methods)), methods):
-                l1, l1_std = mean_std([r.get("test_l1") for r in runs])
-                memory, memory_std = mean_std([r.get("attn_mem_bytes") for r in runs])
-                if l1 is None or memory is None:
-                    continue
-                ax.errorbar(
-                    memory / MIB,
-                    l1,
-                    yerr=l1_std or 0,
-                    xerr=(memory_std or 0) / MIB,
-                    fmt="o",
-                    capsize=3,
-                    color=colour,
-                    label=f"{label} (n={len(runs)})",
-                )
+            sns.lineplot(
+                runs, x="memory", y="test_l1", hue="label", hue_order=labels,
+                palette=palette(len(labels)), errorbar="sd", err_style="bars", marker="o",
+                linestyle="", err_kws={"capsize": 3}, ax=ax,
+            )  # fmt: skip
             ax.set_xlabel("attention memory, peak of the attention blocks at batch 1 (MiB)")
             ax.set_ylabel("held-out L1, mean ± std over seeds; lower is better (1)")
-            first = part[0]
+            first = part.iloc[0]
             ax.set_title(
                 f"{suite}: attention memory against held-out L1 "
-                f"({first.get('preset')}, {first.get('steps')} steps)\n{machine_name(machine)}",
+                f"({first['preset']}, {first['steps']} steps)\n{machine}",
                 fontsize=10,
             )
-            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            sns.move_legend(ax, **LEGEND)
         figures.append((name_for(f"{slug(suite)}-memory-vs-l1", machine, machines), fig))
     return figures
 
 
-def hit_curve(rows: list[dict]) -> list[tuple[str, Figure]]:
+def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """Copy hit rate at the largest decoder level (r = 1 px) against training step, from each
     run's ``hit_curve``: one line per method, mean over seeds with a ± sd band."""
     figures = []
-    train = train_rows(rows)
-    machines = {machine_of(r) for r in train}
-    for key, part in partition(train, train_key):
-        machine, suite = key[0], key[1]
-        points = pd.DataFrame(
-            [
-                {"method": label, "step": point["step"], "hit rate": point["largest"]}
-                for label, runs in train_methods(part)
-                for r in runs
-                if r["status"] == "ok"
-                for point in r.get("hit_curve") or []
-            ],
-            columns=["method", "step", "hit rate"],
-        ).dropna()
+    train = train_rows(prepare(rows))
+    machines = set(train["machine"])
+    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+        runs = labelled_runs(part).explode("hit_curve").dropna(subset=["hit_curve"])
+        if runs.empty:
+            continue
+        points = pd.json_normalize(list(runs["hit_curve"])).assign(method=list(runs["method"]))
+        points = points.dropna(subset=["step", "largest"])
         if points.empty:
             continue
         methods = list(dict.fromkeys(points["method"]))  # report order
@@ -144,82 +126,71 @@ def hit_curve(rows: list[dict]) -> list[tuple[str, Figure]]:
             fig = new_figure(8, 5)
             ax = fig.add_subplot()
             sns.lineplot(
-                points,
-                x="step",
-                y="hit rate",
-                hue="method",
-                hue_order=methods,
-                palette=palette(len(methods)),
-                errorbar="sd",
-                marker="o",
-                ax=ax,
-            )
+                points, x="step", y="largest", hue="method", hue_order=methods,
+                palette=palette(len(methods)), errorbar="sd", marker="o", ax=ax,
+            )  # fmt: skip
             ax.set_xlabel("training step (count)")
             ax.set_ylabel("copy hit rate, largest level, r = 1 px; mean ± sd over seeds (1)")
-            first = part[0]
+            first = part.iloc[0]
             ax.set_title(
                 f"{suite}: attention mass on the true source during training "
-                f"({first.get('preset')}, batch {first.get('batch')})\n{machine_name(machine)}",
+                f"({first['preset']}, batch {first['batch']})\n{machine}",
                 fontsize=10,
             )
-            sns.move_legend(ax, "center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title=None)
+            sns.move_legend(ax, **LEGEND)
         figures.append((name_for(f"{slug(suite)}-hit-curve", machine, machines), fig))
     return figures
 
 
-def scaling(rows: list[dict]) -> list[tuple[str, Figure]]:
+def scaling(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """Forward time and memory against tokens, log-log; cases not run marked at the top."""
     figures = []
-    micro = micro_rows(rows)
-    machines = {machine_of(r) for r in micro}
-    for curve, part in partition(micro, series_key):
+    micro = with_series(micro_rows(prepare(rows)))
+    machines = set(micro["machine"])
+    for curve, part in groups(micro, SERIES):
         machine, suite, dtype, channels, cv, batch, heads, inputs, self_attention = curve
-        measured = [r for r in part if timed(r)]
-        if len({tokens(r) for r in measured}) < 3:
+        if timed(part)["tokens"].nunique() < 3:
             continue
-        methods = ordered_methods(part)
+        firsts = part.sort_values("order").drop_duplicates(METHOD)
+        names = {
+            tuple(r[METHOD]): method_label(r["impl"], r["params"]) for _, r in firsts.iterrows()
+        }
+        part = part.assign(
+            method=[names[m] for m in part[METHOD].itertuples(index=False, name=None)],
+            time=part["time_fwd_ms"].astype(float),
+            memory=part["mem_fwd_bytes"].astype(float) / MIB,
+        )
+        methods = list(names.values())
+        colours = dict(zip(methods, palette(len(methods))))
+        measured = part[part["status"] == "ok"]
+        not_run = part[part["status"] != "ok"]
         with sns.axes_style(STYLE):
             fig = new_figure(13, 5.5)
             axes = fig.subplots(1, 2)
             panels = (
-                (axes[0], "time_fwd_ms", 1.0, "forward time, median (ms)"),
-                (axes[1], "mem_fwd_bytes", MIB, "forward peak memory above the inputs (MiB)"),
+                (axes[0], "time", "forward time, median (ms)"),
+                (axes[1], "memory", "forward peak memory above the inputs (MiB)"),
             )
-            for ax, key, unit, ylabel in panels:
-                marked = False
-                top = blended_transform_factory(ax.transData, ax.transAxes)
-                for i, (colour, (_, rs)) in enumerate(zip(palette(len(methods)), methods)):
-                    ok = sorted(
-                        (tokens(r), r[key] / unit)
-                        for r in rs
-                        if timed(r) and r.get(key) is not None and r[key] > 0
-                    )
-                    label = rs[0]["label"] if len({r["label"] for r in rs}) == 1 else None
-                    label = label or method_label(rs[0]["impl"], rs[0].get("params") or {})
-                    if ok:
-                        ax.plot(*zip(*ok), marker="o", color=colour, label=label)
-                    else:  # only not-run markers: still named in the legend
-                        ax.plot([], [], NOT_RUN_MARKER, color=colour, label=f"{label}: not run")
-                    for n in sorted({tokens(r) for r in rs if r["status"] != "ok"}):
-                        ax.plot(
-                            n * JITTER ** (i - (len(methods) - 1) / 2),  # apart, not on top
-                            0.97,
-                            NOT_RUN_MARKER,
-                            color=colour,
-                            markersize=9,
-                            transform=top,
-                            clip_on=False,
-                        )
-                        marked = True
+            for ax, key, ylabel in panels:
+                points = measured[measured[key] > 0]
+                sns.lineplot(
+                    points, x="tokens", y=key, hue="method", hue_order=methods,
+                    palette=colours, marker="o", ax=ax, legend=ax is axes[1],
+                )  # fmt: skip
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                if not not_run.empty:  # at the top of the panel, above the measured curves
+                    top = points[key].max() if not points.empty else 1.0
+                    sns.scatterplot(
+                        not_run.assign(**{key: top * 1.5}), x="tokens", y=key, hue="method",
+                        hue_order=methods, palette=colours, marker=NOT_RUN_MARKER, s=80,
+                        ax=ax, legend=False,
+                    )  # fmt: skip
                 ax.set_xlabel("query map height x width (tokens)")
                 ax.set_ylabel(ylabel)
-                if marked:
-                    ax.plot([], [], NOT_RUN_MARKER, color="0.3", label="not run (status not ok)")
             axes[0].set_title("forward time")
-            axes[1].set_title("forward memory")
-            axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            axes[1].set_title("forward memory" + ("; X: not run" if not not_run.empty else ""))
+            sns.move_legend(axes[1], **LEGEND)
             suite_text, _, machine_text = series_heading(curve).partition(" — ")
             fig.suptitle(
                 f"time and memory against tokens: {suite_text}\n{machine_text}", fontsize=11
@@ -234,124 +205,100 @@ def scaling(rows: list[dict]) -> list[tuple[str, Figure]]:
     return figures
 
 
-def kappa(rows: list[dict]) -> list[tuple[str, Figure]]:
+def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """GPA's κ ablation (the paper's Fig. 7a): held-out L1 against κ, exact and none as lines."""
     figures = []
-    train = train_rows(rows)
-    machines = {machine_of(r) for r in train}
-    for key, part in partition(train, train_key):
-        machine, suite = key[0], key[1]
-        groups = kappa_groups([r for r in part if r["status"] == "ok"])
-        if not groups:
+    train = train_rows(prepare(rows))
+    machines = set(train["machine"])
+    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+        ok = part[part["status"] == "ok"]
+        kappas = kappa_groups(ok)
+        if not kappas:
             continue
+        points = pd.concat(
+            group.assign(group=f"{impl} ({fixed})" if fixed else impl)
+            for (impl, fixed), group in kappas
+        ).dropna(subset=["test_l1"])
+        lines = list(dict.fromkeys(points["group"]))
+        colours = palette(len(lines) + 2)
         with sns.axes_style(STYLE):
             fig = new_figure(8, 5)
             ax = fig.add_subplot()
-            colours = palette(len(groups) + 2)
-            for colour, ((impl, rest), group) in zip(colours, groups):
-                points = []
-                for (topk,), runs in partition(group, lambda r: (topk_of(r),)):
-                    mean, std = mean_std([r.get("test_l1") for r in runs])
-                    if mean is not None:
-                        points.append((topk, mean, std or 0))
-                if not points:  # no held-out L1 in these runs
-                    continue
-                ks, means, stds = zip(*points)
-                label = f"{impl} ({rest})" if rest else impl
-                ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, color=colour, label=label)
-            references = reference_runs([r for r in part if r["status"] == "ok"])
-            for colour, impl in zip(colours[len(groups) :], (BASELINE, NO_ATTENTION)):
-                mean, _ = mean_std([r.get("test_l1") for r in references[impl]])
-                if mean is not None:
-                    ax.axhline(mean, ls="--", color=colour, label=f"{impl} (mean over seeds)")
+            sns.lineplot(
+                points, x="topk", y="test_l1", hue="group", hue_order=lines,
+                palette=colours[: len(lines)], errorbar="sd", err_style="bars", marker="o",
+                err_kws={"capsize": 3}, ax=ax,
+            )  # fmt: skip
+            references = ok[(ok["params_text"] == "") & ok["impl"].isin([BASELINE, NO_ATTENTION])]
+            means = references.groupby("impl")["test_l1"].mean()
+            for colour, impl in zip(colours[len(lines) :], (BASELINE, NO_ATTENTION)):
+                if pd.notna(means.get(impl)):
+                    ax.axhline(
+                        means[impl], ls="--", color=colour, label=f"{impl} (mean over seeds)"
+                    )
             ax.set_xscale("log", base=2)
-            all_ks = sorted({topk_of(r) for _, group in groups for r in group})
-            ax.set_xticks(all_ks, labels=[str(k) for k in all_ks])
+            ks = sorted(pd.concat(group["topk"] for _, group in kappas).unique())
+            ax.set_xticks(ks, labels=[str(k) for k in ks])
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("κ, key blocks kept per query cell, log scale (count)")
             ax.set_ylabel("held-out L1, mean ± std over seeds (1)")
-            ax.set_title(
-                f"{suite}: GPA's κ ablation on held-out L1\n{machine_name(machine)}", fontsize=10
-            )
+            ax.set_title(f"{suite}: GPA's κ ablation on held-out L1\n{machine}", fontsize=10)
             ax.legend(fontsize=8)
         figures.append((name_for(f"{slug(suite)}-kappa", machine, machines), fig))
     return figures
 
 
-def memory_of(row: dict) -> tuple[int | None, str]:
-    """A fidelity row's memory and what it is: measured, or the runner's prediction, which
-    covers forward+backward when the case computed gradients."""
-    if row.get("mem_fwd_bytes") is not None:
-        return row["mem_fwd_bytes"], "measured forward"
-    backward = row.get("rel_err_grad") is not None
-    return row.get("mem_predicted_bytes"), (
-        "predicted forward+backward" if backward else "predicted forward"
-    )
-
-
-def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
+def fidelity_vs_memory(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """Relative error against memory per input family (warp-match per sharpness), one figure
-    per suite and map."""
+    per suite and map; hollow markers where the memory is the runner's prediction (which
+    covers forward+backward when the case computed gradients) rather than measured."""
     figures = []
-    scored = scored_rows(rows)
-    machines = {machine_of(r) for r in scored}
-
-    def key(r: dict) -> tuple:
-        maps = (r["q_h"], r["q_w"], r["kv_h"], r["kv_w"])
-        return series_key(r)[:-2] + maps  # every input family in one figure
-
-    for fig_key, part in partition(scored, key):
+    scored = with_series(scored_rows(prepare(rows)))
+    machines = set(scored["machine"])
+    predicted = scored["mem_fwd_bytes"].isna()
+    scored = scored.assign(
+        memory=scored["mem_fwd_bytes"].fillna(scored["mem_predicted_bytes"]).astype(float) / MIB,
+        kind=predicted.map({False: "measured forward", True: "predicted forward"}).where(
+            ~predicted | scored["rel_err_grad"].isna(), "predicted forward+backward"
+        ),
+        facet=[
+            f"{i} inputs" + ("" if pd.isna(s) else f", sharpness {s:g}")
+            for i, s in zip(scored["inputs"], scored["sharpness"])
+        ],
+    )
+    key = [*SERIES[:-2], "q_h", "q_w", "kv_h", "kv_w"]  # every input family in one figure
+    for fig_key, part in groups(scored, key):
         machine, suite, dtype, channels, cv, batch, heads, q_h, q_w, kv_h, kv_w = fig_key
-        facets = sorted({(r.get("inputs"), r.get("sharpness")) for r in part}, key=sort_key)
-        labels = sorted(
-            {r["label"] for r in part},
-            key=lambda lb: min(method_rank(r) for r in part if r["label"] == lb),
-        )
-        colours = dict(zip(labels, palette(len(labels))))
-        markers = {lb: MARKERS[i % len(MARKERS)] for i, lb in enumerate(labels)}
-        kinds = sorted({memory_of(r)[1] for r in part})
-        hollow = kinds[1:]  # a second kind of memory value gets hollow markers
+        part = part.sort_values(["inputs", "sharpness", "order"], na_position="first")
+        part = part[(part["memory"] > 0) & (part["rel_err_out"] > 0)]
+        facets = list(dict.fromkeys(part["facet"]))
+        labels = list(dict.fromkeys(part.sort_values("order")["label"]))
+        kinds = sorted(part["kind"].unique())
+        if not facets:
+            continue
         columns = min(len(facets), FACET_COLUMNS)
-        lines = math.ceil(len(facets) / columns)
+        lines = -(-len(facets) // columns)
         with sns.axes_style(STYLE):
             fig = new_figure(5 * columns + 2.5, 4.8 * lines)
             axes = list(fig.subplots(lines, columns, squeeze=False).flat)
             for ax in axes[len(facets) :]:
                 ax.remove()  # the last row's empty places
-            axes = axes[: len(facets)]
-            for ax, (family, sharpness) in zip(axes, facets):
-                same = [
-                    r for r in part if (r.get("inputs"), r.get("sharpness")) == (family, sharpness)
-                ]
-                for r in sorted(same, key=method_rank):
-                    memory, kind = memory_of(r)
-                    if memory is None or memory <= 0 or r["rel_err_out"] <= 0:
-                        continue
-                    colour = colours[r["label"]]
-                    ax.scatter(
-                        memory / MIB,
-                        r["rel_err_out"],
-                        color="none" if kind in hollow else colour,
-                        edgecolors=colour,
-                        marker=markers[r["label"]],
-                        label=r["label"],
-                        s=36,
-                    )
+            for ax, facet in zip(axes, facets):
+                sns.scatterplot(
+                    part[part["facet"] == facet], x="memory", y="rel_err_out", hue="label",
+                    hue_order=labels, style="label", style_order=labels,
+                    markers=dict(zip(labels, MARKERS * len(labels))), palette=palette(len(labels)),
+                    size="kind", sizes={k: s for k, s in zip(kinds, (36, 90))}, s=36, ax=ax,
+                    legend=ax is axes[0] and "full",
+                )  # fmt: skip
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
-                what = kinds[0] + (f"; hollow: {', '.join(hollow)}" if hollow else "")
-                ax.set_xlabel(f"peak memory above the inputs, {what} (MiB)")
+                ax.set_xlabel(f"peak memory above the inputs, {' or '.join(kinds)} (MiB)")
                 ax.set_ylabel("relative L2 error of the output (1)")
-                ax.set_title(
-                    f"{family} inputs" + ("" if sharpness is None else f", sharpness {sharpness:g}")
-                )
-            handles, names = [], []
-            for ax in axes:
-                for handle, name in zip(*ax.get_legend_handles_labels()):
-                    if name not in names:
-                        handles.append(handle)
-                        names.append(name)
+                ax.set_title(facet)
+            handles, names = axes[0].get_legend_handles_labels()
+            axes[0].get_legend().remove()
             fig.legend(handles, names, fontsize=8, loc="outside right center")
             where = f"{q_h}x{q_w} map" + (
                 "" if (kv_h, kv_w) == (q_h, q_w) else f", kv {kv_h}x{kv_w}"
@@ -359,8 +306,7 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
             shape = f"C = {channels}" + (f", Cv = {cv}" if cv != channels else "")
             shape += f", B x H = {batch} x {heads}" if batch * heads > 1 else ""
             fig.suptitle(
-                f"{suite}: fidelity against memory ({where}, {shape}, {dtype})"
-                f"\n{machine_name(machine)}",
+                f"{suite}: fidelity against memory ({where}, {shape}, {dtype})\n{machine}",
                 fontsize=11,
             )
         parts = [slug(suite), "error-vs-memory", f"{q_h}x{q_w}"]
@@ -375,6 +321,7 @@ def fidelity_vs_memory(rows: list[dict]) -> list[tuple[str, Figure]]:
 PLOTS = (memory_vs_l1, hit_curve, scaling, kappa, fidelity_vs_memory)
 
 
-def all_plots(rows: list[dict]) -> list[tuple[str, Figure]]:
+def all_plots(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """Every plot made from rows, in report order."""
+    rows = prepare(rows)
     return [item for make in PLOTS for item in make(rows)]

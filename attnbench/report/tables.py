@@ -1,36 +1,52 @@
-"""Tables from result rows: what each measurement says, per machine, in Markdown and CSV.
+"""Tables from the result frame (:func:`attnbench.results.load`), per machine, in Markdown and CSV.
 
-Rows are never averaged across machines: every table is split into sections by the context that
-measured it (:data:`MACHINE_KEYS`: device, processor or GPU name, thread count, torch version),
-and the section heading names it. Within a section, rows are sorted by their content, never by
-the order they were written, so the same rows always give byte-identical files.
+Rows are never averaged across machines: every table is split into sections by the ``machine``
+column (device, processor or GPU name, thread count, torch version), and the section heading
+names it. Within a section, rows are sorted by their content, never by the order they were
+written, so the same rows always give byte-identical files.
 
 A method is an implementation with its parameters as the suite gave them (``gpa.torch`` with
 ``phase1_res=64``) and, for training runs, the generator settings the suite overrode
 (``small_attention=none``: the paper's NO); its label in a micro row is resolved for that row's
 map (``d=4`` at 256x256, ``d=1`` at 64x64), so curves over map sizes follow the method, and
 per-size tables show the label.
+
+Each table is a function of the frame listed in :data:`TABLES`. A table of a new kind of row is
+one such function: select the rows, group them into :class:`Section` s with
+:meth:`pandas.DataFrame.groupby`, and aggregate the records with :func:`seed_stats` or pandas.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
-import statistics
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
+import numpy as np
+import pandas as pd
 from scipy import stats
+from tabulate import DataRow, TableFormat
 
-MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
+from attnbench.results import MICRO_KEYS, REQUIRED_KEYS, TRAIN_KEYS, frame
+
 FAMILY_ORDER = ("none", "full", "xformers", "gpa", "nystrom", "performer")
 BASELINE = "full.sdpa"  # what speed-ups and overtaking sizes are measured against
 NO_ATTENTION = "none"  # copies nothing: the other reference of the training runs
 SCALING_FIT_MAPS = 3  # the exponent is fitted over each method's largest maps
 MIB = 2**20
+METHOD = ["impl", "params_text", "generator_text"]  # a method across map sizes and seeds
+SHAPE = [  # what makes two micro rows the same inputs apart from the method
+    "tokens", "q_h", "q_w", "kv_h", "kv_w", "channels", "v_channels", "batch", "heads",
+    "inputs", "sharpness",
+]  # fmt: skip
+TRAIN_KEY = ["machine", "suite", "task", "preset", "batch"]  # what makes training runs comparable
+OPTIONAL_KEYS = (  # keys of newer rows that older rows lack
+    "v_channels", "inputs", "sharpness", "generator", "preset", "max_steps", "budget_minutes",
+    "time_fwdbwd_iqr_ms", "mem_predicted_bytes", "grid_png_path", "hit_curve",
+)  # fmt: skip
+groups = partial(pd.DataFrame.groupby, observed=True, dropna=False)
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,7 @@ class Section:
 
     heading: str
     context: dict
-    records: list[dict]
+    records: pd.DataFrame
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,115 +96,142 @@ class Table:
         return "\n".join(out)
 
     def csv(self) -> str:
-        """Every section's records, with its context as leading columns; numbers unrounded."""
-        context_keys: list[str] = []
-        for section in self.sections:
-            context_keys += [k for k in section.context if k not in context_keys]
+        """Every section's records, with its context as leading columns; floats to 12
+        significant digits (every measured value, without the last-bit differences that
+        derived values may have between platforms)."""
+        context = list(dict.fromkeys(k for s in self.sections for k in s.context))
         keys = [c.key for c in self.cols] + [c.std for c in self.cols if c.std]
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(context_keys + keys)
-        for section in self.sections:
-            for record in section.records:
-                context = [section.context.get(k) for k in context_keys]
-                writer.writerow([csv_value(v) for v in context + [record.get(k) for k in keys]])
-        return buffer.getvalue()
-
-
-def csv_value(value) -> str:
-    """A CSV cell: empty for null, floats to 12 significant digits, plain text otherwise.
-
-    12 digits keep every measured value and drop the last-bit differences that derived values
-    (means, fitted exponents) may have between platforms and Python versions.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(float(f"{value:.12g}"))
-    return str(value)
+        parts = [s.records.assign(**{k: [v] * len(s.records) for k, v in s.context.items()})
+                 for s in self.sections]  # fmt: skip
+        table = pd.concat(parts) if parts else pd.DataFrame()
+        return table.reindex(columns=context + keys).to_csv(
+            index=False, lineterminator="\n", float_format=lambda v: repr(float(f"{v:.12g}"))
+        )
 
 
 def cell(value, fmt: str) -> str:
     """A Markdown cell: ``-`` for null, numbers by ``fmt``, thousands separated for ints."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
-    if isinstance(value, int) and not fmt:
+    if isinstance(value, (int, np.integer)) and not fmt:
         return f"{value:,}"
-    if isinstance(value, (int, float)) and fmt:
+    if isinstance(value, (int, float, np.number)) and fmt:
         text = format(value, fmt)
         signed_zero = text.startswith(("-", "+")) and not text.strip("+-0.")
         return text[1:] if signed_zero else text  # no "-0.00" nor "+0.00"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(cols: list[Col], records: list[dict]) -> str:
+def pipe_format(numeric: list[bool]) -> TableFormat:
+    """Markdown pipe tables without padding, numbers right-aligned (``--:``)."""
+    rule = "|" + "|".join("--:" if n else "---" for n in numeric) + "|"
+    row = DataRow("|", "|", "|")
+    return TableFormat(None, lambda *_: rule, None, None, row, row, 1, None)
+
+
+def markdown_table(cols: list[Col], records: pd.DataFrame) -> str:
     """A pipe table of ``records``; columns that are null in every record are left out."""
-    shown = [c for c in cols if any(r.get(c.key) is not None for r in records)]
-    lines = ["| " + " | ".join(c.header for c in shown) + " |"]
-    lines.append("|" + "|".join("---" if c.fmt == "" else "--:" for c in shown) + "|")
-    for r in records:
-        cells = []
-        for c in shown:
-            text = cell(r.get(c.key), c.fmt)
-            if c.std and r.get(c.key) is not None and r.get(c.std) is not None:
-                text += " ± " + cell(r[c.std], c.std_fmt or c.fmt)
-            cells.append(text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# --- grouping --------------------------------------------------------------------------------
-
-
-def machine_of(row: dict) -> tuple:
-    """The context a row was measured in; rows of different machines are never combined."""
-    return tuple(row.get(k) for k in MACHINE_KEYS)
-
-
-def machine_name(machine: tuple) -> str:
-    """``Intel(R) Xeon(R) Processor (cpu), 2 threads, torch 2.14.1``."""
-    device, name, threads, torch_version = machine
-    threads_text = {1: "1 thread", None: "threads unknown"}.get(threads, f"{threads} threads")
-    return f"{name} ({device}), {threads_text}, torch {torch_version}"
-
-
-def family_rank(impl: str) -> tuple:
-    """Sort key: no attention, exact, GPA, then the approximations, then anything else."""
-    family = impl.partition(".")[0]
-    rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
-    return rank, impl
-
-
-def method_rank(row: dict) -> tuple:
-    """Sort key of a row's method: family, implementation, parameters by value, then generator
-    overrides by value."""
-
-    def values(settings: dict) -> tuple:
-        return tuple((k, *sort_key((settings[k],))) for k in sorted(settings))
-
-    return family_rank(row["impl"]) + (
-        values(row.get("params") or {}),
-        values(generator_of(row)),
-        row["label"],
+    shown = [c for c in cols if c.key in records and records[c.key].notna().any()]
+    cells = pd.DataFrame(index=records.index)
+    for c in shown:
+        text = records[c.key].map(partial(cell, fmt=c.fmt), na_action=None)
+        if c.std and c.std in records:
+            spread = records[c.std].map(partial(cell, fmt=c.std_fmt or c.fmt))
+            text = text.where(records[c.std].isna() | records[c.key].isna(), text + " ± " + spread)
+        cells[c.header] = text
+    return cells.to_markdown(
+        index=False,
+        tablefmt=pipe_format([c.fmt != "" for c in shown]),
+        colalign=[None] * len(shown),
+        disable_numparse=True,
     )
 
 
-def params_text(params: dict) -> str:
+# --- methods and rows -------------------------------------------------------------------------
+
+
+def present(value) -> bool:
+    return not (value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)))
+
+
+def params_text(params: Mapping) -> str:
     """``phase1_res=64, topk=12`` (sorted; empty for none)."""
     return ", ".join(f"{k}={params[k]}" for k in sorted(params))
 
 
-def generator_of(row: dict) -> dict:
-    """The generator settings a training run's suite overrode (none for other rows)."""
-    return row.get("generator") or {}
+def family_rank(impl: str) -> int:
+    """No attention, exact, GPA, then the approximations, then anything else."""
+    family = impl.partition(".")[0]
+    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
 
 
-def method_of(row: dict) -> tuple[str, str, str]:
-    """(impl, parameters as given, generator overrides): the identity of a method across map
-    sizes and seeds."""
-    return row["impl"], params_text(row.get("params") or {}), params_text(generator_of(row))
+def method_rank(row) -> tuple:
+    """Sort key of a row's method: family, implementation, parameters by value, then generator
+    overrides by value."""
+
+    def values(settings: dict) -> tuple:
+        return tuple((k, type(v).__name__, tuple(v) if isinstance(v, list) else v)
+                     for k, v in sorted(settings.items()))  # fmt: skip
+
+    return (row.family, row.impl, values(row.params), values(row.generator), row.label)
+
+
+def prepare(rows: pd.DataFrame) -> pd.DataFrame:
+    """The frame with what the tables and plots derive from each row: ``params`` (as a dict),
+    ``params_text``, ``generator`` and ``generator_text``, ``family``, ``order`` (the method's
+    rank in report order), ``map`` and ``tokens`` of micro rows, ``hit_r1`` and ``hit_r2``.
+
+    Accepts rows as dicts too; a frame already prepared is returned as it is.
+    """
+    if not isinstance(rows, pd.DataFrame):
+        rows = frame(list(rows))
+    if "order" in rows:
+        return rows
+    known = [*REQUIRED_KEYS, *MICRO_KEYS, *TRAIN_KEYS, *OPTIONAL_KEYS]
+    df = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *known])))
+    names = [c for c in df if c.startswith("params.")]
+    df["params"] = [
+        {k.removeprefix("params."): v for k, v in zip(names, values) if present(v)}
+        for values in df[names].astype(object).itertuples(index=False)
+    ]
+    df["generator"] = [g if isinstance(g, dict) else {} for g in df["generator"]]
+    df["params_text"] = df["params"].map(params_text)
+    df["generator_text"] = df["generator"].map(params_text)
+    df["family"] = df["impl"].map(family_rank)
+    ranks = [method_rank(r) for r in df.itertuples()]
+    df["order"] = pd.Series(ranks, index=df.index, dtype=object).map(
+        {rank: i for i, rank in enumerate(sorted(set(ranks)))}
+    )
+    df["tokens"] = df["q_h"] * df["q_w"]
+    df["map"] = (df["q_h"].astype(str) + "x" + df["q_w"].astype(str)).where(
+        ((df["kv_h"] == df["q_h"]) & (df["kv_w"] == df["q_w"])).fillna(False).astype(bool),
+        "q " + df["q_h"].astype(str) + "x" + df["q_w"].astype(str)
+        + ", kv " + df["kv_h"].astype(str) + "x" + df["kv_w"].astype(str),
+    )  # fmt: skip
+    for name, level in HIT_RATES.items():
+        df[name] = [h.get(level) if isinstance(h, dict) else None for h in df["copy_hit_rate"]]
+        df[name] = df[name].astype(float)
+    return df
+
+
+def micro_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["kind"] == "micro"]
+
+
+def train_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[rows["kind"] == "train"]
+
+
+def timed(rows: pd.DataFrame, keys=("time_fwd_ms", "mem_fwd_bytes")) -> pd.DataFrame:
+    """The ok rows with any of ``keys`` measured."""
+    return rows[(rows["status"] == "ok") & rows[list(keys)].notna().any(axis=1)]
+
+
+def by_shape(rows: pd.DataFrame, *then: str) -> pd.DataFrame:
+    """Rows sorted by their inputs, then by ``then`` (nulls first)."""
+    return rows.sort_values([*SHAPE, *then], na_position="first", kind="stable")
 
 
 def method_label(impl: str, params: dict) -> str:
@@ -205,87 +248,9 @@ def method_label(impl: str, params: dict) -> str:
         return f"{impl}({params_text(params)})" if params else impl
 
 
-def by_method(rows: Iterable[dict]) -> dict[tuple, list[dict]]:
-    """Rows by method (implementation and parameters as given)."""
-    methods: dict[tuple, list] = defaultdict(list)
-    for row in rows:
-        methods[method_of(row)].append(row)
-    return methods
-
-
-def partition(rows: Iterable[dict], key: Callable[[dict], tuple]) -> list[tuple[tuple, list]]:
-    """Rows split by ``key``, in sorted key order (None sorts first)."""
-    parts: dict[tuple, list] = defaultdict(list)
-    for row in rows:
-        parts[key(row)].append(row)
-    return sorted(parts.items(), key=lambda kv: sort_key(kv[0]))
-
-
-def sort_key(values: tuple) -> tuple:
-    """A key that sorts tuples mixing None, numbers, strings and nested tuples."""
-    return tuple(
-        (True, "tuple", sort_key(v))
-        if isinstance(v, tuple)
-        else (v is not None, str(type(v).__name__), v if v is not None else 0)
-        for v in values
-    )
-
-
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the non-null values (std None below two)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else None
-
-
-def mib(value) -> float | None:
-    """Bytes as MiB."""
-    return None if value is None else value / MIB
-
-
-def map_text(row: dict) -> str:
-    """``256x256``, or ``q 64x64, kv 32x32`` for cross-attention between maps of other sizes."""
-    q = f"{row['q_h']}x{row['q_w']}"
-    if (row["kv_h"], row["kv_w"]) == (row["q_h"], row["q_w"]):
-        return q
-    return f"q {q}, kv {row['kv_h']}x{row['kv_w']}"
-
-
-def tokens(row: dict) -> int:
-    """Query tokens of a micro row."""
-    return row["q_h"] * row["q_w"]
-
-
-def shape_key(row: dict) -> tuple:
-    """Everything that makes two micro rows the same inputs apart from the method."""
-    return (
-        tokens(row),
-        row["q_h"],
-        row["q_w"],
-        row["kv_h"],
-        row["kv_w"],
-        row["channels"],
-        row.get("v_channels"),
-        row["batch"],
-        row["heads"],
-        row.get("inputs"),
-        row.get("sharpness"),
-    )
-
-
-def micro_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("kind") == "micro"]
-
-
-def train_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("kind") == "train"]
-
-
-def timed(row: dict, keys=("time_fwd_ms", "mem_fwd_bytes")) -> bool:
-    """An ok row with any of ``keys`` measured."""
-    return row["status"] == "ok" and any(row.get(k) is not None for k in keys)
+def other_than(values: pd.Series, usual) -> pd.Series:
+    """``values``, null (a column left out) where they are the usual ones."""
+    return values.where(values != usual)
 
 
 TIMED_KEYS = ("time_fwd_ms", "mem_fwd_bytes", "time_fwdbwd_ms", "mem_fwdbwd_bytes")
@@ -314,38 +279,44 @@ MICRO_COLS = [
 ]
 
 
-def micro_table(rows: list[dict]) -> Table:
+def case_records(rows: pd.DataFrame) -> pd.DataFrame:
+    """The :data:`CASE_COLS` of micro rows."""
+    return pd.DataFrame(
+        {
+            "label": rows["label"],
+            "map": rows["map"],
+            "channels": rows["channels"],
+            "v_channels": other_than(rows["v_channels"], rows["channels"]),
+            "batch_heads": rows["batch"].astype(str) + " x " + rows["heads"].astype(str),
+        }
+    )
+
+
+def micro_table(rows: pd.DataFrame) -> Table:
     """Time, memory and FLOP rate per case, with the speed-up over the exact baseline."""
     sections = []
-    ok = [r for r in micro_rows(rows) if timed(r, TIMED_KEYS)]
-    for (machine, suite, dtype), part in partition(
-        ok, lambda r: (machine_of(r), r["suite"], r["dtype"])
-    ):
-        baseline = {shape_key(r): r for r in part if r["impl"] == BASELINE}
-        records = []
-        for r in sorted(part, key=lambda r: sort_key(shape_key(r)) + method_rank(r)):
-            base = baseline.get(shape_key(r), {})
-            fraction = r.get("peak_fraction")
-            records.append(
-                {
-                    **case_record(r),
-                    "inputs": other_than(r.get("inputs"), "gaussian"),
-                    "time_fwd_ms": r.get("time_fwd_ms"),
-                    "time_fwd_iqr_ms": r.get("time_fwd_iqr_ms"),
-                    "time_fwdbwd_ms": r.get("time_fwdbwd_ms"),
-                    "time_fwdbwd_iqr_ms": r.get("time_fwdbwd_iqr_ms"),
-                    "mem_fwd_mib": mib(r.get("mem_fwd_bytes")),
-                    "mem_fwdbwd_mib": mib(r.get("mem_fwdbwd_bytes")),
-                    "gflops_fwd": r.get("gflops_fwd"),
-                    "peak_percent": None if fraction is None else 100 * fraction,
-                    "speedup_fwd": ratio(base.get("time_fwd_ms"), r.get("time_fwd_ms")),
-                    "speedup_fwdbwd": ratio(base.get("time_fwdbwd_ms"), r.get("time_fwdbwd_ms")),
-                }
-            )
+    ok = timed(micro_rows(prepare(rows)), TIMED_KEYS)
+    for (machine, suite, dtype), part in groups(ok, ["machine", "suite", "dtype"]):
+        base = part[part["impl"] == BASELINE].drop_duplicates(SHAPE, keep="last")
+        times = ["time_fwd_ms", "time_fwdbwd_ms"]
+        part = by_shape(part, "order").merge(
+            base[SHAPE + times], on=SHAPE, how="left", suffixes=("", "_base")
+        )
+        records = case_records(part).assign(
+            inputs=other_than(part["inputs"], "gaussian"),
+            **{k: part[k] for k in MICRO_COLS_MEASURED},
+            mem_fwd_mib=part["mem_fwd_bytes"].astype(float) / MIB,
+            mem_fwdbwd_mib=part["mem_fwdbwd_bytes"].astype(float) / MIB,
+            peak_percent=100 * part["peak_fraction"],
+            **{
+                f"speedup_{t.split('_')[1]}": (part[f"{t}_base"] / part[t]).where(part[t] > 0)
+                for t in times
+            },
+        )
         sections.append(
             Section(
-                f"{suite} — {machine_name(machine)}, {dtype}",
-                {"machine": machine_name(machine), "suite": suite, "dtype": dtype},
+                f"{suite} — {machine}, {dtype}",
+                {"machine": machine, "suite": suite, "dtype": dtype},
                 records,
             )
         )
@@ -360,26 +331,9 @@ def micro_table(rows: list[dict]) -> Table:
     )
 
 
-def case_record(row: dict) -> dict:
-    """The :data:`CASE_COLS` of a micro row."""
-    return {
-        "label": row["label"],
-        "map": map_text(row),
-        "channels": row["channels"],
-        "v_channels": other_than(row.get("v_channels"), row["channels"]),
-        "batch_heads": f"{row['batch']} x {row['heads']}",
-    }
-
-
-def other_than(value, usual):
-    """``value``, or None (a column left out) where it is the usual one."""
-    return None if value == usual else value
-
-
-def ratio(numerator, denominator) -> float | None:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
+MICRO_COLS_MEASURED = (
+    "time_fwd_ms", "time_fwd_iqr_ms", "time_fwdbwd_ms", "time_fwdbwd_iqr_ms", "gflops_fwd",
+)  # fmt: skip
 
 
 # --- scaling ----------------------------------------------------------------------------------
@@ -392,47 +346,43 @@ SCALING_COLS = [
     Col(f"faster than {BASELINE} from", "time_overtakes"),
     Col(f"less memory than {BASELINE} from", "memory_overtakes"),
 ]
+SERIES = [  # what the points of one curve over map sizes share
+    "machine", "suite", "dtype", "channels", "cv", "batch", "heads", "inputs", "self_attention",
+]  # fmt: skip
+SERIES_CONTEXT = [*SERIES[:4], "v_channels", *SERIES[5:]]  # their CSV names
 
 
-def fit_exponent(points: list[tuple[int, float]]) -> float | None:
-    """Slope of log(value) against log(tokens) over the largest :data:`SCALING_FIT_MAPS` maps."""
-    points = sorted((n, v) for n, v in points if v is not None and v > 0)[-SCALING_FIT_MAPS:]
-    if len(points) < 2:
+def fit_exponent(series: pd.Series) -> float | None:
+    """Slope of log(value) against log(tokens) (the index) over the largest
+    :data:`SCALING_FIT_MAPS` maps."""
+    series = series[series > 0].sort_index().iloc[-SCALING_FIT_MAPS:]
+    if len(series) < 2:
         return None
-    x = [math.log(n) for n, _ in points]
-    y = [math.log(v) for _, v in points]
-    return statistics.linear_regression(x, y).slope
+    return float(np.polyfit(np.log(series.index.astype(float)), np.log(series), 1)[0])
 
 
-def overtakes(mine: dict[int, float], base: dict[int, float], maps: dict[int, str]) -> str | None:
+def overtakes(mine: Mapping, base: Mapping, maps: Mapping) -> str | None:
     """The smallest size from which ``mine`` is below ``base`` at every larger common size."""
-    common = sorted(n for n in mine if n in base and mine[n] is not None and base[n] is not None)
-    if not common:
+    both = pd.DataFrame(
+        {"mine": pd.Series(mine, dtype=float), "base": pd.Series(base, dtype=float)}
+    )
+    below = both.dropna().sort_index().eval("mine < base")
+    if below.empty:
         return None
-    below = [mine[n] < base[n] for n in common]
-    if not below[-1]:
-        return f"not up to {common[-1]:,} tokens"
-    first = len(below)
-    while first > 0 and below[first - 1]:
-        first -= 1
-    n = common[first]
-    prefix = "<= " if first == 0 else ""
-    return f"{prefix}{n:,} tokens ({maps[n]})"
+    if not below.iloc[-1]:
+        return f"not up to {below.index[-1]:,} tokens"
+    above = below[~below]
+    first = below.index[below.index > above.index[-1]][0] if len(above) else below.index[0]
+    prefix = "" if len(above) else "<= "
+    return f"{prefix}{first:,} tokens ({maps[first]})"
 
 
-def series_key(row: dict) -> tuple:
-    """What the points of one curve over map sizes share: all but the map itself."""
-    self_attention = (row["kv_h"], row["kv_w"]) == (row["q_h"], row["q_w"])
-    return (
-        machine_of(row),
-        row["suite"],
-        row["dtype"],
-        row["channels"],
-        row.get("v_channels", row["channels"]),
-        row["batch"],
-        row["heads"],
-        row.get("inputs"),
-        self_attention,
+def with_series(rows: pd.DataFrame) -> pd.DataFrame:
+    """Micro rows with what the points of one curve over map sizes share beside the map:
+    ``cv`` (the value channels) and ``self_attention``."""
+    return rows.assign(
+        cv=rows["v_channels"].fillna(rows["channels"]).astype(int),
+        self_attention=(rows["kv_h"] == rows["q_h"]) & (rows["kv_w"] == rows["q_w"]),
     )
 
 
@@ -440,52 +390,50 @@ def series_heading(key: tuple) -> str:
     """``micro, C = 64, B x H = 1 x 1, gaussian inputs — <machine>, float32``."""
     machine, suite, dtype, c, cv, batch, heads, inputs, self_attention = key
     parts = [suite, f"C = {c}" + (f", Cv = {cv}" if cv != c else ""), f"B x H = {batch} x {heads}"]
-    parts += [f"{inputs} inputs"] if inputs else []
+    parts += [f"{inputs} inputs"] if present(inputs) else []
     parts += [] if self_attention else ["cross-attention"]
-    return f"{', '.join(parts)} — {machine_name(machine)}, {dtype}"
+    return f"{', '.join(parts)} — {machine}, {dtype}"
 
 
-def scaling_table(rows: list[dict]) -> Table:
+def scaling_table(rows: pd.DataFrame) -> Table:
     """Fitted exponents of time and memory against tokens, and where each method overtakes."""
     sections = []
-    ok = [r for r in micro_rows(rows) if timed(r)]
-    for key, part in partition(ok, series_key):
-        methods = sorted(by_method(part).values(), key=lambda rs: method_rank(rs[0]))
-
-        def series(rs: list[dict], name: str) -> dict[int, float]:
-            return {tokens(r): r[name] for r in rs if r.get(name) is not None}
-
-        base = next((rs for rs in methods if rs[0]["impl"] == BASELINE), [])
+    ok = with_series(timed(micro_rows(prepare(rows))))
+    ok = ok.astype({"time_fwd_ms": float, "mem_fwd_bytes": float})
+    for key, part in groups(ok, SERIES):
+        # labels resolve per map: a method is its implementation, parameters and generator
+        part = part.assign(order=groups(part, METHOD)["order"].transform("min"))
+        time, memory = (
+            part.pivot_table(index="tokens", columns="order", values=k, aggfunc="mean")
+            for k in ("time_fwd_ms", "mem_fwd_bytes")
+        )
+        first = part.sort_values("order").drop_duplicates("order").set_index("order")
+        base = next((o for o in first.index if first.at[o, "impl"] == BASELINE), None)
         records = []
-        for rs in methods:
-            sizes = sorted(series(rs, "time_fwd_ms"))
+        for order, method in first.iterrows():
+            sizes = time[order].dropna().index if order in time else []
             if len(sizes) < 3:
                 continue
-            maps = {tokens(r): map_text(r) for r in rs}
-            is_base = rs is base
+            mine = part[part["order"] == order]
+            maps = dict(zip(mine["tokens"], mine["map"]))
             records.append(
                 {
-                    "method": method_label(rs[0]["impl"], rs[0].get("params") or {}),
+                    "method": method_label(method["impl"], method["params"]),
                     "maps": f"{len(sizes)}: {maps[sizes[0]]} to {maps[sizes[-1]]}",
-                    "time_exponent": fit_exponent(list(series(rs, "time_fwd_ms").items())),
-                    "memory_exponent": fit_exponent(list(series(rs, "mem_fwd_bytes").items())),
-                    "time_overtakes": None
-                    if is_base
-                    else overtakes(series(rs, "time_fwd_ms"), series(base, "time_fwd_ms"), maps),
-                    "memory_overtakes": None
-                    if is_base
-                    else overtakes(
-                        series(rs, "mem_fwd_bytes"), series(base, "mem_fwd_bytes"), maps
-                    ),
+                    "time_exponent": fit_exponent(time[order].dropna()),
+                    "memory_exponent": fit_exponent(memory.get(order, pd.Series(dtype=float))),
+                    **{
+                        f"{name}_overtakes": None
+                        if order == base or base is None
+                        else overtakes(values[order].dropna(), values[base].dropna(), maps)
+                        for name, values in (("time", time), ("memory", memory))
+                    },
                 }
             )
         if not records:
             continue
-        machine, suite, dtype, c, cv, batch, heads, inputs, self_attention = key
-        context = {"machine": machine_name(machine), "suite": suite, "dtype": dtype}
-        context |= {"channels": c, "v_channels": cv, "batch": batch, "heads": heads}
-        context |= {"inputs": inputs, "self_attention": self_attention}
-        sections.append(Section(series_heading(key), context, records))
+        context = dict(zip(SERIES_CONTEXT, key))
+        sections.append(Section(series_heading(key), context, pd.DataFrame(records)))
     return Table(
         "scaling",
         "Scaling with the number of tokens",
@@ -508,41 +456,26 @@ ERROR_COLS = [
 ]
 SHARPNESS_COL = Col("sharpness", "sharpness", "g")  # warp-match's s; left out elsewhere
 FIDELITY_COLS = [*CASE_COLS, SHARPNESS_COL, *ERROR_COLS]
+ERRORS = ["sharpness", "rel_err_out", "rel_err_grad", "copy_psnr"]
+FIDELITY_KEY = ["machine", "suite", "dtype", "inputs"]
 
 
-def scored_rows(rows: list[dict]) -> list[dict]:
+def scored_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The ok micro rows with an error against exact attention."""
-    return [r for r in micro_rows(rows) if r["status"] == "ok" and r.get("rel_err_out") is not None]
+    micro = micro_rows(rows)
+    return micro[(micro["status"] == "ok") & micro["rel_err_out"].notna()]
 
 
-def fidelity_table(rows: list[dict]) -> Table:
+def fidelity_table(rows: pd.DataFrame) -> Table:
     """Relative error against exact attention, and copy PSNR, per input family."""
     sections = []
-    scored = scored_rows(rows)
-    for (machine, suite, dtype, inputs), part in partition(
-        scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r.get("inputs"))
-    ):
-        part = sorted(part, key=lambda r: sort_key(shape_key(r)) + method_rank(r))
-        records = [
-            {
-                **case_record(r),
-                "sharpness": r.get("sharpness"),
-                "rel_err_out": r.get("rel_err_out"),
-                "rel_err_grad": r.get("rel_err_grad"),
-                "copy_psnr": r.get("copy_psnr"),
-            }
-            for r in part
-        ]
+    for (machine, suite, dtype, inputs), part in groups(scored_rows(prepare(rows)), FIDELITY_KEY):
+        part = by_shape(part, "order")
         sections.append(
             Section(
-                f"{suite}, {inputs} inputs — {machine_name(machine)}, {dtype}",
-                {
-                    "machine": machine_name(machine),
-                    "suite": suite,
-                    "dtype": dtype,
-                    "inputs": inputs,
-                },
-                records,
+                f"{suite}, {inputs} inputs — {machine}, {dtype}",
+                dict(zip(FIDELITY_KEY, (machine, suite, dtype, inputs))),
+                case_records(part).join(part[ERRORS]),
             )
         )
     return Table(
@@ -590,90 +523,87 @@ COMPARISON_COLS = [
     Col(f"p (hit r=1 vs {BASELINE})", "hit_r1_p_vs_full", ".2g"),
 ]
 COPYING_COLS = TRAIN_COLS + COMPARISON_COLS
-HIT_RATES = {"hit_r1": "largest", "hit_r2": "largest_r2"}  # record key: key in copy_hit_rate
+HIT_RATES = {"hit_r1": "largest", "hit_r2": "largest_r2"}  # column: key in copy_hit_rate
 TRAIN_METRICS = ("test_l1", "ssim", "psnr", "lpips", "fid", *HIT_RATES)
 TESTED_METRICS = ("psnr", "hit_r1")  # compared with each reference by Welch's t-test
 REFERENCES = {NO_ATTENTION: "none", BASELINE: "full"}  # implementation: its name in record keys
 REASON_SPLIT = re.compile(r";\s+(?=\w+: )")  # "lpips: ...; fid: ..." -> one reason per metric
 
 
-def metric(row: dict, key: str) -> float | None:
-    """A run's value of a :data:`TRAIN_METRICS` key; the hit rates are those of the largest
-    decoder level in its ``copy_hit_rate`` (None in failed runs and in rows written before the
-    hit rate was measured)."""
-    if key in HIT_RATES:
-        return (row.get("copy_hit_rate") or {}).get(HIT_RATES[key])
-    return row.get(key)
+def single(values: pd.Series):
+    """The one value of ``values`` (nulls aside), or None when they differ."""
+    values = values.dropna().unique()
+    return values[0] if len(values) == 1 else None
 
 
-def train_record(label: str, runs: list[dict]) -> dict:
-    """Mean ± std over the ok runs (seeds) of one method."""
-    ok = [r for r in runs if r["status"] == "ok"]
-    record: dict = {"label": label, "runs": f"{len(ok)}/{len(runs)}"}
-    for key in TRAIN_METRICS:
-        record[key], record[f"{key}_std"] = mean_std([metric(r, key) for r in ok])
-    record["steps_done"] = mean_std([r.get("steps") for r in ok])[0]
-    record["train_s"] = mean_std([r.get("train_time_s") for r in ok])[0]
-    record["attn_mib"] = mib(mean_std([r.get("attn_mem_bytes") for r in ok])[0])
-    step = mean_std([r.get("step_time_s") for r in ok])[0]
-    record["step_ms"] = None if step is None else 1000 * step
-    params = sorted({r.get("n_params") for r in ok if r.get("n_params") is not None})
-    record["n_params"] = params[0] if len(params) == 1 else None
-    return record
+def seed_stats(runs: pd.DataFrame, by: list[str], metrics=TRAIN_METRICS) -> pd.DataFrame:
+    """Per group of ``by``: runs ok of all runs, the mean and sample std (``<key>_std``) of
+    ``metrics`` over the ok runs (seeds), and the means of steps, training time, attention
+    memory (MiB) and step time (ms)."""
+    counts = groups(runs, by)["status"].agg(lambda s: f"{(s == 'ok').sum()}/{len(s)}")
+    ok = runs[runs["status"] == "ok"]
+    means = {k: (k, "mean") for k in metrics} | {f"{k}_std": (k, "std") for k in metrics}
+    means |= {"steps_done": ("steps", "mean"), "train_s": ("train_time_s", "mean")}
+    means |= {"attn_mib": ("attn_mem_bytes", "mean"), "step_ms": ("step_time_s", "mean")}
+    numbers = ok.astype({k: float for k, _ in means.values()})
+    table = groups(numbers, by).agg(**means, n_params=("n_params", single))
+    table = table.assign(attn_mib=table["attn_mib"] / MIB, step_ms=1000 * table["step_ms"])
+    return table.reindex(counts.index).assign(runs=counts)
 
 
-def welch(values: list, reference: list) -> tuple[float | None, float | None]:
+def welch(values, reference) -> tuple[float | None, float | None]:
     """Difference of the means of the non-null ``values`` and ``reference``, and the p-value of
     Welch's t-test (unequal variances) that the two means are equal.
 
     The p-value is None with fewer than two values on either side, or without spread on both.
     """
-    values = [v for v in values if v is not None]
-    reference = [v for v in reference if v is not None]
-    if not values or not reference:
+    values, reference = pd.Series(values).dropna(), pd.Series(reference).dropna()
+    if values.empty or reference.empty:
         return None, None
-    difference = statistics.fmean(values) - statistics.fmean(reference)
-    if min(len(values), len(reference)) < 2 or len(set(values)) == len(set(reference)) == 1:
+    difference = float(values.mean() - reference.mean())
+    if min(len(values), len(reference)) < 2 or values.nunique() == reference.nunique() == 1:
         return difference, None  # the test needs two values a side, and spread on one
     return difference, float(stats.ttest_ind(values, reference, equal_var=False).pvalue)
 
 
-def comparisons(runs: list[dict], references: dict[str, list[dict]]) -> dict:
-    """:data:`TESTED_METRICS` of one method's ok runs against each reference's (:func:`welch`);
-    empty for a reference itself and where the reference has no runs."""
-
-    def values(rs: list[dict], key: str) -> list:
-        return [metric(r, key) for r in rs if r["status"] == "ok"]
-
-    record = {}
-    for impl, reference in references.items():
-        itself = bool(reference) and method_of(reference[0]) == method_of(runs[0])
-        name = REFERENCES[impl]
+def comparisons(part: pd.DataFrame, methods: pd.Index) -> pd.DataFrame:
+    """:data:`TESTED_METRICS` of each method's ok runs against each reference's (:func:`welch`):
+    the runs of :data:`REFERENCES` without parameters or generator overrides beyond those the
+    section shares; empty for a reference itself and where the reference has no runs."""
+    ok = part[part["status"] == "ok"].set_index(METHOD)
+    shared = params_text(shared_generator(part))
+    records = pd.DataFrame(index=methods)
+    for impl, name in REFERENCES.items():
+        reference = (impl, "", shared)
         for key in TESTED_METRICS:
-            difference, p = (
-                (None, None) if itself else welch(values(runs, key), values(reference, key))
-            )
-            record[f"{key}_vs_{name}"], record[f"{key}_p_vs_{name}"] = difference, p
-    return record
+            against = ok.loc[[reference], key] if reference in ok.index else pd.Series()
+            tested = [
+                (None, None) if method == reference else welch(ok.loc[[method], key], against)
+                if method in ok.index else (None, None)
+                for method in methods
+            ]  # fmt: skip
+            records[f"{key}_vs_{name}"] = [d for d, _ in tested]
+            records[f"{key}_p_vs_{name}"] = [p for _, p in tested]
+    return records.astype(float)
 
 
-def shared_generator(part: list[dict]) -> dict:
+def shared_generator(part: pd.DataFrame) -> dict:
     """The generator overrides every run of a training section has (named in its heading)."""
-    if not part:
+    if part.empty:
         return {}
-    first, *others = map(generator_of, part)
+    first, *others = part["generator"]
     return {k: v for k, v in first.items() if all(k in o and o[k] == v for o in others)}
 
 
-def own_generator(row: dict, shared: dict) -> dict:
+def own_generator(generator: dict, shared: dict) -> dict:
     """A run's generator overrides beyond those its section shares."""
-    return {k: v for k, v in generator_of(row).items() if k not in shared}
+    return {k: v for k, v in generator.items() if k not in shared}
 
 
-def train_label(row: dict, shared: dict) -> str:
+def train_label(row, shared: dict) -> str:
     """The label of a training run's method: its implementation's, followed by its own
     generator overrides (``none (no copying at any level)``: the paper's NO)."""
-    own = own_generator(row, shared)
+    own = own_generator(row["generator"], shared)
     notes = []
     if row["impl"] == NO_ATTENTION and own.get("small_attention") == NO_ATTENTION:
         del own["small_attention"]
@@ -683,74 +613,62 @@ def train_label(row: dict, shared: dict) -> str:
     return f"{row['label']} ({', '.join(notes)})" if notes else row["label"]
 
 
-def train_methods(part: list[dict]) -> list[tuple[str, list[dict]]]:
-    """The methods of a training section in report order, each with its label and runs."""
+def train_methods(part: pd.DataFrame) -> pd.DataFrame:
+    """One row per method of a training section (its first run), in report order, indexed by
+    :data:`METHOD`, with its ``method`` label."""
     shared = shared_generator(part)
-    methods = sorted(by_method(part).values(), key=lambda runs: method_rank(runs[0]))
-    return [(train_label(runs[0], shared), runs) for runs in methods]
+    first = part.sort_values(["order", "seed"]).drop_duplicates(METHOD)
+    first = first.set_index(METHOD, drop=False)
+    return first.assign(method=[train_label(r, shared) for _, r in first.iterrows()])
 
 
-def reference_runs(part: list[dict]) -> dict[str, list[dict]]:
-    """The runs of each of :data:`REFERENCES` in a training section, without parameters or
-    generator overrides of their own: what its methods are compared with."""
-    methods = by_method(part)
-    shared = params_text(shared_generator(part))
-    return {impl: methods.get((impl, "", shared), []) for impl in REFERENCES}
-
-
-def train_heading(suite: str, part: list[dict], machine: tuple) -> tuple[str, dict]:
+def train_heading(part: pd.DataFrame) -> tuple[str, dict]:
     """Heading and CSV context of a training section: steps as the finished runs were given
     them (``max_steps``; ``steps`` in rows written before runs could stop early), the time
     budget, and the generator overrides every run shares."""
-    first = part[0]
-    ok = [r for r in part if r["status"] == "ok" and r.get("steps")]
-    steps = sorted({r.get("max_steps") or r["steps"] for r in ok})
-    budgets = sorted({r["budget_minutes"] for r in part if r.get("budget_minutes")})
+    first = part.iloc[0]
+    ok = part[(part["status"] == "ok") & (part["steps"] > 0)]
+    steps = sorted(ok["max_steps"].fillna(ok["steps"]).astype(int).unique())
+    budgets = sorted(part["budget_minutes"].dropna().loc[lambda b: b != 0].unique())
     context = {
-        "machine": machine_name(machine),
-        "suite": suite,
-        "task": first.get("task"),
-        "preset": first.get("preset"),
+        "machine": first["machine"],
+        "suite": first["suite"],
+        "task": first["task"],
+        "preset": first["preset"],
         "steps": "/".join(map(str, steps)) or None,
         "budget_minutes": "/".join(f"{m:g}" for m in budgets) or None,
-        "batch": first.get("batch"),
+        "batch": first["batch"],
         "generator": params_text(shared_generator(part)) or None,
     }
     budget = f" or {context['budget_minutes']} min of training" if budgets else ""
     generator = f", generator {context['generator']}" if context["generator"] else ""
     heading = (
-        f"{suite}: {context['task']} task, preset {context['preset']}, {context['steps']} steps"
-        f"{budget}, batch {context['batch']}{generator} — {machine_name(machine)}"
+        f"{first['suite']}: {context['task']} task, preset {context['preset']}, "
+        f"{context['steps']} steps{budget}, batch {context['batch']}{generator} — "
+        f"{first['machine']}"
     )
     return heading, context
 
 
-def train_key(row: dict) -> tuple:
-    """What makes training runs comparable. Not ``steps``: a failed run records where it
-    stopped (or nothing), and must stay in its method's section."""
-    return (machine_of(row), row["suite"], row.get("task"), row.get("preset"), row.get("batch"))
-
-
-def reasons_of(runs: list[dict]) -> list[str]:
+def reasons_of(part: pd.DataFrame) -> list[str]:
     """The distinct reasons attached to ok runs (metrics that could not be computed)."""
-    reasons = set()
-    for r in runs:
-        if r["status"] == "ok" and r.get("reason"):
-            reasons.update(part.strip() for part in REASON_SPLIT.split(r["reason"]))
-    return sorted(reasons)
+    reasons = part.loc[part["status"] == "ok", "reason"].dropna()
+    return sorted(reasons.str.split(REASON_SPLIT).explode().str.strip().unique())
 
 
-def copying_table(rows: list[dict]) -> Table:
+def copying_table(rows: pd.DataFrame) -> Table:
     """Held-out metrics and copy hit rates as mean ± std over seeds, their differences from
     ``none`` and ``full.sdpa`` with Welch's t-test, steps, time and memory."""
     sections = []
-    for key, part in partition(train_rows(rows), train_key):
-        references = reference_runs(part)
-        records = [
-            train_record(label, runs) | comparisons(runs, references)
-            for label, runs in train_methods(part)
-        ]
-        heading, context = train_heading(key[1], part, key[0])
+    for _, part in groups(train_rows(prepare(rows)), TRAIN_KEY):
+        methods = train_methods(part)
+        records = (
+            seed_stats(part, METHOD)
+            .join(comparisons(part, methods.index))
+            .assign(label=methods["method"])
+            .loc[methods.index]
+        )
+        heading, context = train_heading(part)
         sections.append(Section(heading, context, records, notes=reasons_of(part)))
     return Table(
         "copying",
@@ -775,31 +693,42 @@ def copying_table(rows: list[dict]) -> Table:
 # --- κ ablation -------------------------------------------------------------------------------
 
 
-def topk_of(row: dict) -> int | None:
-    """κ of a GPA row: its ``topk`` parameter, or the implementation's default."""
-    params = row.get("params") or {}
+def topk_of(impl: str, params: dict) -> int | None:
+    """κ of a GPA method: its ``topk`` parameter, or the implementation's default."""
     if "topk" in params:
         return params["topk"]
     from attnbench import registry
 
     try:
-        return registry.get(row["impl"]).PARAMS["topk"].default
+        return registry.get(impl).PARAMS["topk"].default
     except (KeyError, AttributeError, ValueError):  # not installed here, or no κ parameter
         return None
 
 
-def kappa_groups(rows: list[dict]) -> list[tuple[tuple, list]]:
-    """GPA rows by everything but κ (other parameters, and generator overrides beyond those
-    all share); only groups with at least two values of κ."""
-    gpa = [r for r in rows if r["impl"].startswith("gpa.") and topk_of(r) is not None]
+def kappa_groups(rows: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    """GPA rows with their ``topk``, by everything but κ (``impl`` and ``fixed``: the other
+    parameters, and generator overrides beyond those all share); only groups with at least two
+    values of κ."""
+    gpa = rows[rows["impl"].str.startswith("gpa.")]
+    gpa = gpa.assign(topk=[topk_of(r.impl, r.params) for r in gpa.itertuples()]).dropna(
+        subset=["topk"]
+    )
     shared = shared_generator(gpa)
-
-    def rest(r: dict) -> str:
-        fixed = {k: v for k, v in (r.get("params") or {}).items() if k != "topk"}
-        return params_text(fixed | own_generator(r, shared))
-
-    groups = partition(gpa, lambda r: (r["impl"], rest(r)))
-    return [(key, part) for key, part in groups if len({topk_of(r) for r in part}) >= 2]
+    gpa = gpa.assign(
+        topk=gpa["topk"].astype(int),
+        fixed=[
+            params_text(
+                {k: v for k, v in r.params.items() if k != "topk"}
+                | own_generator(r.generator, shared)
+            )
+            for r in gpa.itertuples()
+        ],  # fmt: skip
+    )
+    return [
+        (key, group)
+        for key, group in groups(gpa, ["impl", "fixed"])
+        if group["topk"].nunique() >= 2
+    ]
 
 
 KAPPA_TRAIN_COLS = [Col("κ", "topk", "d")] + [
@@ -814,18 +743,21 @@ KAPPA_FIDELITY_COLS = [
 ]
 
 
-def kappa_training_table(rows: list[dict]) -> Table:
+def kappa_training_table(rows: pd.DataFrame) -> Table:
     """The paper's κ ablation (Fig. 7a) on the training task: metrics against κ."""
     sections = []
-    for key, part in partition(train_rows(rows), train_key):
-        for (impl, rest), group in kappa_groups(part):
-            records = []
-            for topk, runs in partition(group, lambda r: (topk_of(r),)):
-                records.append({"topk": topk[0], **train_record(runs[0]["label"], runs)})
-            heading, context = train_heading(key[1], part, key[0])
-            context |= {"impl": impl, "fixed": rest}
-            fixed = f" ({rest})" if rest else ""
-            sections.append(Section(f"{impl}{fixed}, {heading}", context, records))
+    for _, part in groups(train_rows(prepare(rows)), TRAIN_KEY):
+        for (impl, fixed), group in kappa_groups(part):
+            heading, context = train_heading(part)
+            records = seed_stats(group, ["topk"]).reset_index()
+            fixed_text = f" ({fixed})" if fixed else ""
+            sections.append(
+                Section(
+                    f"{impl}{fixed_text}, {heading}",
+                    context | {"impl": impl, "fixed": fixed},
+                    records,
+                )
+            )
     return Table(
         "kappa-copying",
         "κ ablation: training",
@@ -836,40 +768,19 @@ def kappa_training_table(rows: list[dict]) -> Table:
     )
 
 
-def kappa_fidelity_table(rows: list[dict]) -> Table:
+def kappa_fidelity_table(rows: pd.DataFrame) -> Table:
     """Fidelity to exact attention against κ, per input family and map."""
     sections = []
-    scored = scored_rows(rows)
-    for (machine, suite, dtype, inputs), part in partition(
-        scored, lambda r: (machine_of(r), r["suite"], r["dtype"], r.get("inputs"))
-    ):
-        for (impl, rest), group in kappa_groups(part):
-            group = sorted(group, key=lambda r: sort_key(shape_key(r)) + (topk_of(r),))
-            records = [
-                {
-                    "topk": topk_of(r),
-                    "label": r["label"],
-                    "map": map_text(r),
-                    "sharpness": r.get("sharpness"),
-                    "rel_err_out": r.get("rel_err_out"),
-                    "rel_err_grad": r.get("rel_err_grad"),
-                    "copy_psnr": r.get("copy_psnr"),
-                }
-                for r in group
-            ]
-            fixed = f" ({rest})" if rest else ""
+    for key, part in groups(scored_rows(prepare(rows)), FIDELITY_KEY):
+        machine, suite, dtype, inputs = key
+        for (impl, fixed), group in kappa_groups(part):
+            group = by_shape(group, "topk")
+            fixed_text = f" ({fixed})" if fixed else ""
             sections.append(
                 Section(
-                    f"{impl}{fixed}, {suite}, {inputs} inputs — {machine_name(machine)}, {dtype}",
-                    {
-                        "machine": machine_name(machine),
-                        "suite": suite,
-                        "dtype": dtype,
-                        "inputs": inputs,
-                        "impl": impl,
-                        "fixed": rest,
-                    },
-                    records,
+                    f"{impl}{fixed_text}, {suite}, {inputs} inputs — {machine}, {dtype}",
+                    dict(zip(FIDELITY_KEY, key)) | {"impl": impl, "fixed": fixed},
+                    group[["topk", "label", "map", *ERRORS]],
                 )
             )
     return Table(
@@ -892,43 +803,31 @@ NOT_RUN_COLS = [
 ]
 
 
-def case_text(row: dict) -> str:
+def case_text(row) -> str:
     """What a row measured, in a few words."""
-    if row.get("kind") == "train":
-        return f"seed {row.get('seed')}"
-    parts = [map_text(row), f"C={row['channels']}"]
-    if row.get("inputs"):
+    if row["kind"] == "train":
+        return f"seed {row['seed']}"
+    parts = [row["map"], f"C={row['channels']}"]
+    if present(row["inputs"]) and row["inputs"]:
         parts.append(str(row["inputs"]))
-    if row.get("sharpness") is not None:
+    if present(row["sharpness"]):
         parts.append(f"sharpness {row['sharpness']:g}")
     return ", ".join(parts)
 
 
-def not_run_table(rows: list[dict]) -> Table:
+def not_run_table(rows: pd.DataFrame) -> Table:
     """Every row whose status is not ok, with its reason."""
     sections = []
-    failed = [r for r in rows if r["status"] != "ok"]
-    for (machine,), part in partition(failed, lambda r: (machine_of(r),)):
-        part = sorted(
-            part,
-            key=lambda r: (
-                (r["suite"], r["status"])
-                + family_rank(r["impl"])
-                + (r["label"],)
-                + sort_key(shape_key(r) if r.get("kind") == "micro" else (r.get("seed"),))
-            ),
+    failed = prepare(rows).query("status != 'ok'")
+    failed = failed.assign(status=failed["status"].astype(str))
+    for machine, part in groups(failed, "machine"):
+        part = part.sort_values(
+            ["suite", "status", "family", "impl", "label", *SHAPE, "seed"], na_position="first"
         )
-        records = [
-            {
-                "suite": r["suite"],
-                "label": r["label"],
-                "case": case_text(r),
-                "status": r["status"],
-                "reason": r.get("reason"),
-            }
-            for r in part
-        ]
-        sections.append(Section(machine_name(machine), {"machine": machine_name(machine)}, records))
+        records = part[["suite", "label", "status", "reason"]].assign(
+            case=[case_text(r) for _, r in part.iterrows()]
+        )
+        sections.append(Section(machine, {"machine": machine}, records))
     return Table(
         "not-run",
         "Not run",
@@ -938,7 +837,7 @@ def not_run_table(rows: list[dict]) -> Table:
     )
 
 
-TABLES: tuple[Callable[[list[dict]], Table], ...] = (
+TABLES: tuple[Callable[[pd.DataFrame], Table], ...] = (
     micro_table,
     scaling_table,
     fidelity_table,
@@ -949,6 +848,7 @@ TABLES: tuple[Callable[[list[dict]], Table], ...] = (
 )
 
 
-def all_tables(rows: list[dict]) -> list[Table]:
+def all_tables(rows: pd.DataFrame) -> list[Table]:
     """Every table, in report order."""
+    rows = prepare(rows)
     return [make(rows) for make in TABLES]
