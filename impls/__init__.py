@@ -4,6 +4,24 @@ Each module holds one family. Optional dependencies are imported inside the impl
 so a missing library makes that implementation unavailable, never this package unimportable.
 """
 
-from attnbench.impls import full, gpa, none, nystrom, performer, xformers_mea
+from attnbench.impls import (
+    full,
+    gpa,
+    neighborhood,
+    none,
+    nystrom,
+    performer,
+    window,
+    xformers_mea,
+)
 
-__all__ = ["full", "gpa", "none", "nystrom", "performer", "xformers_mea"]
+__all__ = [
+    "full",
+    "gpa",
+    "neighborhood",
+    "none",
+    "nystrom",
+    "performer",
+    "window",
+    "xformers_mea",
+]
