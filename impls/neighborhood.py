@@ -18,10 +18,14 @@ have the same size (self-attention geometry; q and k may come from different map
 
 Backends:
 
-- ``neighborhood.torch``: pure PyTorch. Bands of query rows are processed one at a time: each
-  band gathers its queries' k² keys and values (``index_select`` on the flattened map), so the
-  working memory is one band's, at most ``BAND_ELEMENTS`` elements (or one row). With gradients,
-  each band is checkpointed (recomputed in backward), so backward is bounded the same way.
+- ``neighborhood.torch``: pure PyTorch. The queries are cut into ``TILE`` x ``TILE`` tiles; the
+  windows of a tile's queries lie in one region of (t + k - 1)² keys, gathered once, so a tile
+  is one matmul against its region with a mask that keeps each query's own k² keys (the masked
+  part is computed and thrown away: the price of using matmuls instead of per-query gathers).
+  Bands of tile rows are processed one at a time, so the working memory is one band's, at most
+  ``BAND_ELEMENTS`` elements (or one tile row); with gradients each band is checkpointed
+  (recomputed in backward), so backward is bounded the same way. With dilation δ, the δ²
+  interleaved sub-grids are computed one after another, each without dilation.
 - ``neighborhood.flex``: FlexAttention with a block mask: the key blocks any query of a block
   can reach are found from the neighbourhood rule, and the rule itself is the mask function on
   those blocks. Compiled (``dynamic=False``), one compiled function and block mask per shape.
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attnbench.impls.full import SCALE, softmax_scale
@@ -46,7 +51,8 @@ from attnbench.impls.nystrom import HALF_DTYPES, compute_dtype
 from attnbench.registry import Attention, Param, register
 from attnbench.spec import HW, AttentionSpec
 
-BAND_ELEMENTS = 1 << 24  # working elements of one band of query rows (neighborhood.torch)
+BAND_ELEMENTS = 1 << 24  # working elements of one band of tile rows (neighborhood.torch)
+TILE = 8  # side of a query tile (neighborhood.torch)
 FLEX_BLOCK = 128  # FlexAttention query and key block size (tokens)
 
 
@@ -66,64 +72,129 @@ def neighbour_positions(length: int, kernel: int, dilation: int, device=None) ->
     return starts[:, None] + dilation * torch.arange(kernel, device=device)
 
 
-def neighbour_tokens(hw: HW, kernel: int, dilation: int, rows: slice, device=None):
-    """Key tokens of the queries in ``rows`` of the map: [band rows, width, kernel²] int64."""
+def neighbour_tokens(hw: HW, kernel: int, dilation: int, device=None) -> torch.Tensor:
+    """Key tokens of every query of the map: [N, kernel²] int64 (row-major tokens)."""
     h, w = hw
-    key_rows = neighbour_positions(h, kernel, dilation, device)[rows]  # (b, k)
+    key_rows = neighbour_positions(h, kernel, dilation, device)  # (h, k)
     key_cols = neighbour_positions(w, kernel, dilation, device)  # (w, k)
-    tokens = key_rows[:, None, :, None] * w + key_cols[None, :, None, :]  # (b, w, k, k)
-    return tokens.reshape(tokens.shape[0], w, kernel * kernel)
+    tokens = key_rows[:, None, :, None] * w + key_cols[None, :, None, :]  # (h, w, k, k)
+    return tokens.reshape(h * w, kernel * kernel)
 
 
 def neighbourhood_mask(hw: HW, kernel: int, dilation: int, device=None) -> torch.Tensor:
     """[N, N] bool: True where the query (row) attends to the key (column)."""
-    h, w = hw
-    tokens = neighbour_tokens(hw, kernel, dilation, slice(None), device).reshape(h * w, -1)
-    mask = torch.zeros(h * w, h * w, dtype=torch.bool, device=device)
-    return mask.scatter_(1, tokens, True)
+    n = hw[0] * hw[1]
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    return mask.scatter_(1, neighbour_tokens(hw, kernel, dilation, device), True)
 
 
-def band_rows(spec: AttentionSpec, kernel: int) -> int:
-    """Query rows per band: as many as fit ``BAND_ELEMENTS`` working elements (at least one)."""
-    return max(1, BAND_ELEMENTS // row_elements(spec, kernel))
+def tile_regions(length: int, kernel: int, tile: int, device=None):
+    """Key regions of the query tiles along one axis (no dilation).
+
+    The queries are cut into tiles of ``tile`` positions (the last one padded past the map).
+    The windows of a tile's queries lie within ``span = min(tile + kernel - 1, length)``
+    consecutive keys starting at ``region``; returns the region's key positions [tiles, span]
+    and which of them each query sees [tiles, tile, span] (bool).
+    """
+    span = min(tile + kernel - 1, length)
+    tiles = -(-length // tile)
+    queries = torch.arange(tiles * tile, device=device).view(tiles, tile)
+    starts = (queries - kernel // 2).clamp(0, length - kernel)  # padded queries: the last window
+    region = starts[:, 0].clamp(max=length - span)
+    keys = region[:, None] + torch.arange(span, device=device)  # (tiles, span)
+    first = starts[..., None]  # (tiles, tile, 1)
+    return keys, (keys[:, None, :] >= first) & (keys[:, None, :] < first + kernel)
 
 
-def row_elements(spec: AttentionSpec, kernel: int) -> int:
-    """Working elements of one query row: gathered keys and values, scores and probabilities."""
-    width = spec.q_hw[1]
-    per_query = kernel * kernel * (spec.channels + spec.v_channels + 2) + spec.v_channels
-    return spec.batch * spec.heads * width * per_query
+def tile_plan(hw: HW, kernel: int) -> tuple[int, int, int, int, int]:
+    """(tile side t, tile rows, tile columns, region rows, region columns) on a map."""
+    t = min(TILE, max(hw))
+    return t, -(-hw[0] // t), -(-hw[1] // t), min(t + kernel - 1, hw[0]), min(t + kernel - 1, hw[1])
 
 
-def _band(q_band, k, v, tokens, scale):
-    # q_band [B, H, b, w, C]; tokens [b, w, k²] index the flattened key map.
+def tile_row_elements(hw: HW, kernel: int, bh: int, c: int, cv: int) -> int:
+    """Working elements of one row of tiles: key and value regions, scores, probabilities."""
+    t, _, cols, span_r, span_c = tile_plan(hw, kernel)
+    region = span_r * span_c
+    return bh * cols * (region * (c + cv) + 3 * t * t * region + t * t * (c + cv))
+
+
+def band_tile_rows(hw: HW, kernel: int, bh: int, c: int, cv: int) -> int:
+    """Rows of tiles per band: as many as fit ``BAND_ELEMENTS`` (at least one)."""
+    return max(1, BAND_ELEMENTS // tile_row_elements(hw, kernel, bh, c, cv))
+
+
+def _tile_band(q_tiles, k, v, key_rows, key_cols, see_rows, see_cols, scale):
+    # q_tiles [B, H, r, c, t², C]; k, v [B, H, h, w, C|Cv]; key_rows [r, sr], key_cols [c, sc];
+    # see_rows [r, t, sr], see_cols [c, t, sc].
     b, heads = k.shape[:2]
-    keys = k.index_select(2, tokens.reshape(-1)).reshape(b, heads, *tokens.shape, k.shape[-1])
-    values = v.index_select(2, tokens.reshape(-1)).reshape(b, heads, *tokens.shape, v.shape[-1])
-    scores = torch.matmul(keys, q_band.unsqueeze(-1)).squeeze(-1) * scale  # (B, H, b, w, k²)
-    probs = scores.softmax(dim=-1)
-    return torch.matmul(probs.unsqueeze(-2), values).squeeze(-2)  # (B, H, b, w, Cv)
+    (rows, span_r), (cols, span_c) = key_rows.shape, key_cols.shape
+
+    def regions(x):  # -> [B, H, r, c, sr * sc, channels]
+        x = x.index_select(2, key_rows.reshape(-1)).index_select(3, key_cols.reshape(-1))
+        x = x.view(b, heads, rows, span_r, cols, span_c, x.shape[-1]).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, heads, rows, cols, span_r * span_c, x.shape[-1])
+
+    scores = torch.matmul(q_tiles, regions(k).transpose(-2, -1)) * scale  # (B, H, r, c, t², sr sc)
+    sees = see_rows[:, None, :, None, :, None] & see_cols[None, :, None, :, None, :]
+    sees = sees.reshape(rows, cols, q_tiles.shape[-2], span_r * span_c)
+    probs = scores.masked_fill(~sees, float("-inf")).softmax(dim=-1)
+    return torch.matmul(probs, regions(v))  # (B, H, r, c, t², Cv)
 
 
-def neighbourhood_attention(q, k, v, hw: HW, kernel: int, dilation: int, scale: float, rows: int):
+def _undilated(q, k, v, kernel: int, scale: float):
+    # q, k [B, H, h, w, C], v [B, H, h, w, Cv] (maybe strided views) -> [B, H, h, w, Cv].
+    b, heads, h, w, c = q.shape
+    cv = v.shape[-1]
+    t, tile_rows, tile_cols, _, _ = tile_plan((h, w), kernel)
+    key_rows, see_rows = tile_regions(h, kernel, t, q.device)
+    key_cols, see_cols = tile_regions(w, kernel, t, q.device)
+    padded = F.pad(q, (0, 0, 0, tile_cols * t - w, 0, tile_rows * t - h))
+    q_tiles = padded.view(b, heads, tile_rows, t, tile_cols, t, c).permute(0, 1, 2, 4, 3, 5, 6)
+    q_tiles = q_tiles.reshape(b, heads, tile_rows, tile_cols, t * t, c)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    step = band_tile_rows((h, w), kernel, b * heads, c, cv)
+    bands = []
+    for top in range(0, tile_rows, step):
+        band = slice(top, top + step)
+        args = (
+            q_tiles[:, :, band],
+            k,
+            v,
+            key_rows[band],
+            key_cols,
+            see_rows[band],
+            see_cols,
+            scale,
+        )
+        bands.append(
+            checkpoint(_tile_band, *args, use_reentrant=False) if grad else _tile_band(*args)
+        )
+    out = torch.cat(bands, dim=2).view(b, heads, tile_rows, tile_cols, t, t, cv)
+    out = out.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, heads, tile_rows * t, tile_cols * t, cv)
+    return out[:, :, :h, :w]
+
+
+def neighbourhood_attention(q, k, v, hw: HW, kernel: int, dilation: int, scale: float):
     """Neighbourhood attention of q, k [B, H, N, C], v [B, H, N, Cv] -> [B, H, N, Cv].
 
-    ``rows`` query rows are processed at a time; with gradients each band is checkpointed.
+    Without dilation: tiles of t x t queries attend by one matmul to the region of keys that
+    holds all their windows, masked to each query's own kernel² keys; a band of tile rows at a
+    time, checkpointed when gradients are needed. With dilation δ, each of the δ² interleaved
+    sub-grids is a non-dilated neighbourhood of its own.
     """
-    b, heads, n, c = q.shape
+    b, heads, n, _ = q.shape
     h, w = hw
-    grid = q.reshape(b, heads, h, w, c)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bands = []
-    for top in range(0, h, rows):
-        band = slice(top, min(top + rows, h))
-        tokens = neighbour_tokens(hw, kernel, dilation, band, q.device)
-        if grad:
-            out = checkpoint(_band, grid[:, :, band], k, v, tokens, scale, use_reentrant=False)
-        else:
-            out = _band(grid[:, :, band], k, v, tokens, scale)
-        bands.append(out)
-    return torch.cat(bands, dim=2).reshape(b, heads, n, v.shape[-1])
+    cv = v.shape[-1]
+    q, k, v = (x.reshape(b, heads, h, w, x.shape[-1]) for x in (q, k, v))
+    if dilation == 1:
+        return _undilated(q, k, v, kernel, scale).reshape(b, heads, n, cv)
+    out = v.new_empty(b, heads, h, w, cv)
+    for r in range(dilation):
+        for c in range(dilation):
+            sub = (slice(None), slice(None), slice(r, None, dilation), slice(c, None, dilation))
+            out[sub] = _undilated(q[sub], k[sub], v[sub], kernel, scale)
+    return out.reshape(b, heads, n, cv)
 
 
 def geometry_problems(q_hw: HW, kv_hw: HW, kernel: int, dilation: int) -> list[str]:
@@ -203,34 +274,38 @@ class NeighbourhoodBase(Attention):
 
 @register("neighborhood.torch")
 class NeighbourhoodTorch(NeighbourhoodBase):
-    """Neighbourhood attention in PyTorch, a band of query rows at a time."""
+    """Neighbourhood attention in PyTorch: query tiles against their key regions, in bands."""
 
     def forward(self, q, k, v, spec):
         p = self.params
         dtype = compute_dtype(q.dtype)
         q, k, v = (t.to(dtype) for t in (q, k, v))
         scale = softmax_scale(p["scale"], spec.channels)
-        rows = band_rows(spec, p["kernel"])
-        out = neighbourhood_attention(q, k, v, spec.q_hw, p["kernel"], p["dilation"], scale, rows)
+        out = neighbourhood_attention(q, k, v, spec.q_hw, p["kernel"], p["dilation"], scale)
         return out.to(spec.dtype)  # (B, H, N, Cv)
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
-        # One band's gathered keys, values, scores and probabilities; the bands' outputs and
-        # their concatenation. Half inputs are copied to float32 and the output cast back.
-        # Backward recomputes one band at a time and adds that band's gradients, a full-size
-        # gradient of k and v per band (index_select's backward) and the input gradients.
-        kernel = self.params["kernel"]
+        # One band of the largest sub-grid (its key and value regions, scores, probabilities
+        # and mask), the padded tiled queries, the bands' outputs and their un-tiled copy (and
+        # with dilation the assembled output). Half inputs are copied to float32 and the output
+        # cast back. Backward recomputes one band at a time and adds that band's gradients, a
+        # full-size gradient of k and v per band (index_select's backward) and the input
+        # gradients.
+        kernel, dilation = self.params["kernel"], self.params["dilation"]
         elem = torch.empty((), dtype=compute_dtype(spec.dtype)).element_size()
-        bh, n = spec.batch * spec.heads, spec.q_tokens
-        inputs = bh * n * (2 * spec.channels + spec.v_channels) * elem
+        bh, n, c, cv = spec.batch * spec.heads, spec.q_tokens, spec.channels, spec.v_channels
+        inputs = bh * n * (2 * c + cv) * elem
         upcast = inputs + spec.output_bytes if spec.dtype in HALF_DTYPES else 0
-        rows = min(band_rows(spec, kernel), spec.q_hw[0])
-        band = rows * row_elements(spec, kernel) * elem
-        outputs = 2 * bh * n * spec.v_channels * elem
+        sub = tuple(-(-side // dilation) for side in spec.q_hw)
+        t, tile_rows, tile_cols, _, _ = tile_plan(sub, kernel)
+        rows = min(band_tile_rows(sub, kernel, bh, c, cv), tile_rows)
+        band = rows * tile_row_elements(sub, kernel, bh, c, cv) * elem
+        padded = bh * tile_rows * tile_cols * t * t * (c + 2 * cv) * elem
+        outputs = (2 if dilation > 1 else 1) * bh * n * cv * elem
         if not backward:
-            return upcast + band + outputs
-        kv_grad = bh * n * (spec.channels + spec.v_channels) * elem
-        return upcast + 2 * band + outputs + kv_grad + inputs
+            return upcast + band + padded + outputs
+        kv_grad = bh * n * (c + cv) * elem
+        return upcast + 2 * band + padded + outputs + kv_grad + inputs
 
 
 def flex_block_mask(hw: HW, kernel: int, dilation: int, device, backward: bool):
