@@ -478,3 +478,45 @@ def test_cpp_build_failure_is_a_reason(monkeypatch):
         cpp.kernel()
     assert registry.get("gpa.cpp").availability("cpu") == reasons
     assert len(calls) == 1, "a failed build is not tried again"
+
+
+def kept_block_token(params, q, k, v, hw, head):
+    """A key token of ``head`` whose low-res block (d = 2) some cells keep and others do not."""
+    _, keys = run_reference(params, q.double(), k.double(), v.double(), hw, hw)
+    keys = keys[0, head]  # (m, κ)
+    counts = torch.bincount(keys.flatten(), minlength=(hw[0] // 2) * (hw[1] // 2))
+    block = next(i for i, n in enumerate(counts.tolist()) if 0 < n < len(keys))
+    kw = hw[1] // 2
+    return (block // kw) * 2 * hw[1] + (block % kw) * 2  # the block's top-left token
+
+
+@pytest.mark.parametrize("name", FAST_BACKENDS)
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_propagate_as_in_the_reference(name, affinity, where, value):
+    # One NaN or ±inf entry: the same outputs NaN (and ±inf) as gpa.reference's, the finite
+    # ones equal. For k and v the entry is in a block that some cells keep and others do not.
+    hw, params = (8, 8), {"downsample": 2, "cell": 2, "topk": 3, "affinity": affinity}
+    q, k, v = inputs(1, 2, hw, hw, 4, 3, dtype=torch.float32, seed=10)
+    token = 5 if where == "q" else kept_block_token(params, q, k, v, hw, head=1)
+    {"q": q, "k": k, "v": v}[where][0, 1, token, 1] = value  # head 0 stays finite
+    expected, _ = run_reference(params, q.double(), k.double(), v.double(), hw, hw)
+    out = registry.create(name, **params)(q, k, v, q_hw=hw, kv_hw=hw)
+    torch.testing.assert_close(
+        out.double(), expected, rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{name}: {m}"
+    )
+
+
+@pytest.mark.parametrize("name", FAST_BACKENDS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_an_infinite_key_kept_by_phase_2_scores_minus_inf_under_euclid(name, value):
+    # Every low-res key kept: phase 2 sees the infinite key, which -|q - k|² scores -inf (weight
+    # 0), where 2 q.k - |k|² would give ±inf - inf = NaN.
+    hw, params = (8, 8), {"downsample": 2, "cell": 2, "topk": 16, "affinity": "euclid"}
+    q, k, v = inputs(1, 1, hw, hw, 4, 3, dtype=torch.float32, seed=10)
+    k[0, 0, 9, 1] = value
+    expected, _ = run_reference(params, q.double(), k.double(), v.double(), hw, hw)
+    assert torch.isfinite(expected).all()
+    out = registry.create(name, **params)(q, k, v, q_hw=hw, kv_hw=hw)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)

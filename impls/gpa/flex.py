@@ -9,6 +9,12 @@ then exactly the key blocks each query block attends to: they become the block m
 Limits, as reasons: on CPU the compiled kernel is forward-only; on CUDA, block sizes must be
 powers of two >= 16. The first call of each shape compiles (seconds); new key selections of the
 same shape reuse the compiled kernel.
+
+Non-finite inputs: FlexAttention returns 0 for a query whose scores are all NaN or -inf, where
+softmax (and ``gpa.reference``) gives NaN. Such a query is non-finite (a NaN or infinite query
+scores NaN or ±inf against every key), and so is its low-res query, which makes its cell's
+phase-1 relevances NaN; where phase 1 returns a NaN relevance, phase 2 is ``gpa.torch``'s, whose
+softmax propagates NaN and inf as the reference's does.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import functools
 import torch
 
 from attnbench.impls.gpa.common import GPABase
-from attnbench.impls.gpa.vectorised import euclid_augment, select_keys
+from attnbench.impls.gpa.vectorised import euclid_augment, grid_attention, select_keys
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 
@@ -85,7 +91,9 @@ class GPAFlex(GPABase):
         geom = self.geometry(spec)
         scale = self.scale_for(spec.channels)
         affinity = self.params["affinity"]
-        keys = select_keys(q, k, geom, affinity, scale)  # (B, H, m, κ)
+        keys, relevance = select_keys(q, k, geom, affinity, scale, with_relevance=True)
+        if relevance.isnan().any():  # non-finite inputs (see the module docstring)
+            return grid_attention(q, k, v, keys, geom, affinity, scale)
 
         # Key blocks per query block: the κ selected tiles, padded to the full tile count.
         b, h = spec.batch, spec.heads

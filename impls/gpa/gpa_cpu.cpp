@@ -280,15 +280,20 @@ void phase2(const T* q, const T* k, const T* v, const int64_t* keys, T* out, T* 
           std::memcpy(vb.data() + slot * cv, vg + token * cv, sizeof(T) * d * cv);
         }
       }
-      gemm_abt(queries, n_keys, c, qb.data(), kb.data(), sb.data());
       if (euclid) {  // scale (2 q.k - |k|^2), with q pre-scaled by 2 scale
         for (int64_t j = 0; j < n_keys; ++j) {
-          const T* kj = kb.data() + j * c;
+          T* kj = kb.data() + j * c;
           T norm = 0;
 #pragma omp simd reduction(+ : norm)
           for (int64_t i = 0; i < c; ++i) norm += kj[i] * kj[i];
           knorm[j] = static_cast<T>(scale) * norm;
+          // An infinite |k|^2: zeroed channels make the score 0 - inf = -inf, as -|q - k|^2
+          // is, instead of inf - inf = NaN (euclid_keys in vectorised.py).
+          if (std::isinf(norm)) std::fill(kj, kj + c, T(0));
         }
+      }
+      gemm_abt(queries, n_keys, c, qb.data(), kb.data(), sb.data());
+      if (euclid) {
         for (int64_t i = 0; i < queries; ++i) {
           T* x = sb.data() + i * n_keys;
 #pragma omp simd

@@ -43,18 +43,34 @@ def pool(x: torch.Tensor, hw: tuple[int, int], d: int, dtype: torch.dtype) -> to
 def top_keys(relevance: torch.Tensor, topk: int) -> torch.Tensor:
     """Indices of the ``topk`` largest values along the last dim, ascending; ties to lower index.
 
-    ``torch.topk`` does not order ties; where the κ-th and (κ+1)-th values are equal, the row is
-    redone with a stable sort, which keeps equal values in index order.
+    NaN ranks above every number (as in ``torch.sort``). ``torch.topk`` does not order ties;
+    where the κ-th and (κ+1)-th values are equal or both NaN, the row is redone with a stable
+    sort, which keeps equal values (and NaNs) in index order.
     """
     n = relevance.shape[-1]
     if topk == n:
         return torch.arange(n, device=relevance.device).expand(relevance.shape).clone()
     values, index = relevance.topk(topk + 1, dim=-1)  # descending
-    tied = values[..., topk - 1] == values[..., topk]
+    # NaN ranks first, so a NaN (κ+1)-th value means a NaN κ-th one: a tie that == misses.
+    tied = (values[..., topk - 1] == values[..., topk]) | values[..., topk].isnan()
     if tied.any():
         order = torch.sort(relevance[tied], dim=-1, descending=True, stable=True).indices
         index[tied] = order[..., : topk + 1]
     return index[..., :topk].sort(dim=-1).values
+
+
+def euclid_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [..., C] and their squared norms [...] for the euclid expansion 2 q.k - |k|².
+
+    A key whose |k|² is infinite (an infinite channel) has its channels zeroed, so that its
+    score is 0 - inf = -inf, as -|q - k|² is, instead of ±inf - inf = NaN. A NaN stays NaN.
+    The check runs over the norms only; keys are copied only when one is infinite.
+    """
+    norms = (k * k).sum(-1)
+    infinite = norms.isinf()
+    if infinite.any():
+        k = k.masked_fill(infinite[..., None], 0)
+    return k, norms
 
 
 @torch.no_grad()
@@ -75,13 +91,15 @@ def low_res_inputs(
     s = geom.s
     rows, cols = geom.cells_hw
     k_low = pool(k, geom.kv_hw, geom.d, work).reshape(g, geom.nk_low, c)
+    if affinity == "euclid":
+        k_low, k_norms = euclid_keys(k_low)
     q_low = pool(q, geom.q_hw, geom.d, work).view(g, rows, s, cols, s, c)
     q_cells = q_low.new_empty(g, rows, cols, s, s, c)
     factor = scale if affinity == "dot" else 2 * scale
     torch.mul(q_low.permute(0, 1, 3, 2, 4, 5), factor, out=q_cells)
     # euclid: -scale |q - k|² = scale (2 q.k - |k|²) - scale |q|²; the last term is constant
     # along each softmax row and drops out.
-    bias = -scale * (k_low * k_low).sum(-1)[:, None, :] if affinity == "euclid" else None
+    bias = -scale * k_norms[:, None, :] if affinity == "euclid" else None
     return q_cells.view(g, -1, c), k_low, bias
 
 
@@ -172,9 +190,15 @@ def phase2_band_rows(geom: Geometry, g: int, c: int, cv: int, element_size: int)
 
 
 def euclid_augment(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k -> q*, k* with q*.k* = 2 q.k - |k|² = -|q - k|² + |q|² (|q|² drops out of softmax)."""
+    """q, k -> q*, k* with q*.k* = 2 q.k - |k|² = -|q - k|² + |q|² (|q|² drops out of softmax).
+
+    A key with an infinite |k|² scores -inf, as in :func:`euclid_keys`; here its channels are
+    zeroed in place in k* without a check first (which would wait for a GPU).
+    """
     q_aug = torch.cat([2 * q, -torch.ones_like(q[..., :1])], dim=-1)
-    k_aug = torch.cat([k, (k * k).sum(-1, keepdim=True)], dim=-1)
+    norms = (k * k).sum(-1, keepdim=True)
+    k_aug = torch.cat([k, norms], dim=-1)
+    k_aug[..., :-1].masked_fill_(norms.isinf(), 0)
     return q_aug, k_aug
 
 
@@ -226,6 +250,13 @@ class Phase2:
         )
         return x.view(-1, self.n_keys, x_seg.shape[1] // self.d)
 
+    def keys(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The keys the scores use and, for euclid, |k|² per segment [S, d] (else None)."""
+        if self.affinity != "euclid":
+            return k, None
+        k, norms = euclid_keys(k)
+        return k, norms.reshape(-1, self.d)
+
     def scores(self, q_cells, k_cells, k_norm_seg, index, out) -> torch.Tensor:
         """q_s k^T, minus scale |k|² for euclid, into ``out`` (cells, side², κ d²)."""
         if self.affinity == "euclid":
@@ -254,9 +285,9 @@ def phase2_forward(
     """
     p = Phase2(q, k, v, keys, geom, affinity, scale)
     g, d, c, cv, side, n_keys = p.g, p.d, p.c, p.cv, p.side, p.n_keys
+    k, k_norm_seg = p.keys(k)
     k_seg = k.reshape(g * p.n_segments, d * c)
     v_seg = v.reshape(g * p.n_segments, d * cv)
-    k_norm_seg = (k * k).sum(-1).reshape(-1, d) if affinity == "euclid" else None
     q_rows = p.by_rows(q)
     q_buf = q.new_empty(p.max_cells * side * side * c)
     kv_buf = q.new_empty(p.max_cells * n_keys * max(c, cv))  # keys, then values over them
@@ -308,9 +339,9 @@ class GridAttention(torch.autograd.Function):
         q, k, v, keys, out, lse = ctx.saved_tensors
         p = Phase2(q, k, v, keys, ctx.geom, ctx.affinity, ctx.scale)
         g, d, c, cv, side, n_keys = p.g, p.d, p.c, p.cv, p.side, p.n_keys
-        k_seg = k.reshape(g * p.n_segments, d * c)
+        k_used, k_norm_seg = p.keys(k)
+        k_seg = k_used.reshape(g * p.n_segments, d * c)
         v_seg = v.reshape(g * p.n_segments, d * cv)
-        k_norm_seg = (k * k).sum(-1).reshape(-1, d) if p.affinity == "euclid" else None
         q_rows, out_rows, grad_rows = p.by_rows(q), p.by_rows(out), p.by_rows(grad_out)
         grad_q = torch.empty_like(q)
         grad_q_rows = p.by_rows(grad_q)
