@@ -124,22 +124,22 @@ def band_tile_rows(hw: HW, kernel: int, bh: int, c: int, cv: int) -> int:
     return max(1, BAND_ELEMENTS // tile_row_elements(hw, kernel, bh, c, cv))
 
 
-def _tile_band(q_tiles, k, v, key_rows, key_cols, see_rows, see_cols, scale):
-    # q_tiles [B, H, r, c, t², C]; k, v [B, H, h, w, C|Cv]; key_rows [r, sr], key_cols [c, sc];
-    # see_rows [r, t, sr], see_cols [c, t, sc].
-    b, heads = k.shape[:2]
-    (rows, span_r), (cols, span_c) = key_rows.shape, key_cols.shape
-
-    def regions(x):  # -> [B, H, r, c, sr * sc, channels]
-        x = x.index_select(2, key_rows.reshape(-1)).index_select(3, key_cols.reshape(-1))
-        x = x.view(b, heads, rows, span_r, cols, span_c, x.shape[-1]).permute(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(b, heads, rows, cols, span_r * span_c, x.shape[-1])
-
-    scores = torch.matmul(q_tiles, regions(k).transpose(-2, -1)) * scale  # (B, H, r, c, t², sr sc)
-    sees = see_rows[:, None, :, None, :, None] & see_cols[None, :, None, :, None, :]
-    sees = sees.reshape(rows, cols, q_tiles.shape[-2], span_r * span_c)
-    probs = scores.masked_fill(~sees, float("-inf")).softmax(dim=-1)
-    return torch.matmul(probs, regions(v))  # (B, H, r, c, t², Cv)
+def _tile_band(q_tiles, k, v, tokens, sees, scale):
+    # q_tiles [B, H, r, c, t², C]; k, v [B, H, h*w, C|Cv]; tokens [r, c, R]: the key tokens of
+    # each tile's region; sees [r, c, t², R]: which of them each of the tile's queries sees.
+    b, heads, rows, cols, t2, c = q_tiles.shape
+    cv, region = v.shape[-1], tokens.shape[-1]
+    index = tokens.reshape(-1)
+    keys = k.index_select(2, index).view(b * heads, rows * cols, region, c)
+    values = v.index_select(2, index).view(b * heads, rows * cols, region, cv)
+    out = F.scaled_dot_product_attention(
+        q_tiles.reshape(b * heads, rows * cols, t2, c),
+        keys,
+        values,
+        attn_mask=sees.reshape(rows * cols, t2, region),
+        scale=scale,
+    )
+    return out.view(b, heads, rows, cols, t2, cv)
 
 
 def _undilated(q, k, v, kernel: int, scale: float):
@@ -147,26 +147,22 @@ def _undilated(q, k, v, kernel: int, scale: float):
     b, heads, h, w, c = q.shape
     cv = v.shape[-1]
     t, tile_rows, tile_cols, _, _ = tile_plan((h, w), kernel)
-    key_rows, see_rows = tile_regions(h, kernel, t, q.device)
-    key_cols, see_cols = tile_regions(w, kernel, t, q.device)
+    key_rows, see_rows = tile_regions(h, kernel, t, q.device)  # (r, sr), (r, t, sr)
+    key_cols, see_cols = tile_regions(w, kernel, t, q.device)  # (c, sc), (c, t, sc)
+    tokens = key_rows[:, None, :, None] * w + key_cols[None, :, None, :]  # (r, c, sr, sc)
+    tokens = tokens.reshape(tile_rows, tile_cols, -1)
     padded = F.pad(q, (0, 0, 0, tile_cols * t - w, 0, tile_rows * t - h))
     q_tiles = padded.view(b, heads, tile_rows, t, tile_cols, t, c).permute(0, 1, 2, 4, 3, 5, 6)
     q_tiles = q_tiles.reshape(b, heads, tile_rows, tile_cols, t * t, c)
+    k, v = k.reshape(b, heads, h * w, c), v.reshape(b, heads, h * w, cv)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     step = band_tile_rows((h, w), kernel, b * heads, c, cv)
     bands = []
     for top in range(0, tile_rows, step):
         band = slice(top, top + step)
-        args = (
-            q_tiles[:, :, band],
-            k,
-            v,
-            key_rows[band],
-            key_cols,
-            see_rows[band],
-            see_cols,
-            scale,
-        )
+        sees = see_rows[band, None, :, None, :, None] & see_cols[None, :, None, :, None, :]
+        sees = sees.reshape(*tokens[band].shape[:2], t * t, -1)  # (r, c, t², sr sc)
+        args = (q_tiles[:, :, band], k, v, tokens[band], sees, scale)
         bands.append(
             checkpoint(_tile_band, *args, use_reentrant=False) if grad else _tile_band(*args)
         )
