@@ -20,8 +20,8 @@ Backends:
 
 - ``neighborhood.torch``: pure PyTorch. The queries are cut into ``TILE`` x ``TILE`` tiles; the
   windows of a tile's queries lie in one region of (t + k - 1)² keys, gathered once, so a tile
-  is one matmul against its region with a mask that keeps each query's own k² keys (the masked
-  part is computed and thrown away: the price of using matmuls instead of per-query gathers).
+  attends to its region through SDPA with a mask that keeps each query's own k² keys (the masked
+  part is computed and thrown away: the price of batched matmuls over per-query gathers).
   Bands of tile rows are processed one at a time, so the working memory is one band's, at most
   ``BAND_ELEMENTS`` elements (or one tile row); with gradients each band is checkpointed
   (recomputed in backward), so backward is bounded the same way. With dilation δ, the δ²
@@ -174,9 +174,9 @@ def _undilated(q, k, v, kernel: int, scale: float):
 def neighbourhood_attention(q, k, v, hw: HW, kernel: int, dilation: int, scale: float):
     """Neighbourhood attention of q, k [B, H, N, C], v [B, H, N, Cv] -> [B, H, N, Cv].
 
-    Without dilation: tiles of t x t queries attend by one matmul to the region of keys that
-    holds all their windows, masked to each query's own kernel² keys; a band of tile rows at a
-    time, checkpointed when gradients are needed. With dilation δ, each of the δ² interleaved
+    Without dilation: each tile of t x t queries attends to the region of keys that holds all
+    their windows, masked to each query's own kernel² keys (one SDPA call per band of tile rows,
+    checkpointed when gradients are needed). With dilation δ, each of the δ² interleaved
     sub-grids is a non-dilated neighbourhood of its own.
     """
     b, heads, n, _ = q.shape
