@@ -1,7 +1,8 @@
 """Measurement primitives: time, peak memory and this machine's matmul rate.
 
 - Time: ``torch.utils.benchmark.Timer.blocked_autorange`` on all intra-op threads (it
-  synchronises CUDA); median and inter-quartile range, with the first call timed apart
+  synchronises CUDA), topped up with single calls to at least ``MIN_RUNS`` timed runs unless
+  a time limit stops them; median and inter-quartile range, with the first call timed apart
   (compilation, autotuning, first-touch allocation).
 - Memory on CPU: write ``5`` to ``/proc/self/clear_refs`` (resets the peak resident set to the
   current one), run, and read ``VmHWM`` minus the resident set before the run. Freed heap is
@@ -24,6 +25,7 @@ import torch
 import torch.utils.benchmark as benchmark
 
 IQR_WARN_FRACTION = 0.10  # torch's Measurement warns at the same spread
+MIN_RUNS = 3  # timed runs for a spread: the IQR of one run is 0, of two half their difference
 
 
 @dataclass(frozen=True)
@@ -40,22 +42,65 @@ class Timing:
         """The spread is large: IQR above 10% of the median."""
         return self.iqr_ms > IQR_WARN_FRACTION * self.median_ms
 
+    @property
+    def too_few_runs(self) -> bool:
+        """Fewer than ``MIN_RUNS`` timed runs: the IQR is no measure of the spread."""
+        return self.runs < MIN_RUNS
+
+    def warnings(self, what: str) -> list[str]:
+        """A result row's warnings about this timing of ``what`` (``time_fwd``, ...)."""
+        if self.too_few_runs:
+            runs = f"{self.runs} timed run" + ("" if self.runs == 1 else "s")
+            return [
+                f"{what}: only {runs}, too few for a spread (IQR {self.iqr_ms:.3g} ms; "
+                f"{MIN_RUNS} wanted, a time limit stopped them)"
+            ]
+        if self.noisy:
+            return [f"{what}: IQR {self.iqr_ms / self.median_ms:.0%} of the median"]
+        return []
+
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], object], device: str = "cpu", min_run_time: float = 1.0) -> Timing:
-    """Time ``fn()``: the first call alone, then ``blocked_autorange`` for ``min_run_time`` s."""
+def _seconds_per_call(fn: Callable[[], object], device: str, number: int = 1) -> float:
+    """Seconds per call of ``number`` calls of ``fn`` in a row (one block)."""
     _sync(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(number):
+        fn()
     _sync(device)
-    first = time.perf_counter() - start
+    return (time.perf_counter() - start) / number
+
+
+def time_call(
+    fn: Callable[[], object],
+    device: str = "cpu",
+    min_run_time: float = 1.0,
+    min_runs: int = MIN_RUNS,
+    max_run_time: float | None = None,
+) -> Timing:
+    """Time ``fn()``: the first call alone, then ``blocked_autorange`` for ``min_run_time`` s.
+
+    Where that gives fewer than ``min_runs`` timed runs (blocks longer than about a third of
+    ``min_run_time``), blocks of the same number of calls are added until there are
+    ``min_runs``, or until the timed runs have taken ``max_run_time`` s in all (None: no
+    limit). Median and IQR are those of every run, as ``torch.utils.benchmark.Measurement``
+    computes them.
+    """
+    first = _seconds_per_call(fn, device)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    return Timing(m.median * 1e3, m.iqr * 1e3, first * 1e3, len(m.times))
+    times = list(m.times)  # seconds per call, one per block of m.number_per_run calls
+    spent = sum(times) * m.number_per_run
+    while len(times) < min_runs and (max_run_time is None or spent < max_run_time):
+        times.append(_seconds_per_call(fn, device, m.number_per_run))
+        spent += times[-1] * m.number_per_run
+    values = torch.tensor(sorted(times), dtype=torch.float64)
+    median, p25, p75 = (values.quantile(f).item() for f in (0.5, 0.25, 0.75))
+    return Timing(median * 1e3, (p75 - p25) * 1e3, first * 1e3, len(times))
 
 
 def _status_kib(field: str) -> int:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from attnbench import registry
 from attnbench.inputs import make_inputs
-from attnbench.measure import matmul_gflops, peak_memory, time_call
+from attnbench.measure import MIN_RUNS, matmul_gflops, peak_memory, time_call
 from attnbench.results import (
     MICRO_KEYS,
     append_row,
@@ -37,7 +37,8 @@ from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, ex
 
 EXTRA_KEYS = (
     "v_channels", "inputs", "sharpness", "directions", "time_fwd_first_ms", "time_fwdbwd_iqr_ms",
-    "time_fwdbwd_first_ms", "time_phase1_ms", "mem_predicted_bytes", "warnings",
+    "time_fwdbwd_first_ms", "time_phase1_ms", "mem_predicted_bytes", "warnings", "time_fwd_runs",
+    "time_fwdbwd_runs",
 )  # fmt: skip
 
 
@@ -161,8 +162,13 @@ def measure_case(
     peak_gflops: float | None,
     budget_bytes: float,
     min_run_time: float,
+    time_budget_s: float | None = None,
 ) -> dict:
-    """One row: the case's measurements, or its status and reason."""
+    """One row: the case's measurements, or its status and reason.
+
+    Each timing takes at least ``MIN_RUNS`` timed runs, unless they have taken ``MIN_RUNS``
+    times ``time_budget_s`` (then the row's warning names the count).
+    """
     row = empty_row(case, ctx)
     impl = registry.create(case.impl, **case.params_dict)
     spec = _spec(case)
@@ -191,6 +197,7 @@ def measure_case(
     if bwd_reasons:
         notes.append("fwdbwd not measured: " + "; ".join(bwd_reasons))
     device, dtype = spec.device, spec.dtype
+    max_run_time = MIN_RUNS * time_budget_s if time_budget_s else None
     try:
         inputs = make_inputs(case.family, spec, case.seed, case.sharpness)
         q, k, v = (t.to(device=device, dtype=dtype) for t in (inputs.q, inputs.k, inputs.v))
@@ -198,25 +205,23 @@ def measure_case(
             with torch.no_grad():
                 fwd = lambda: impl.forward(q, k, v, spec)  # noqa: E731
                 if "time" in case.metrics:
-                    t = time_call(fwd, device, min_run_time)
+                    t = time_call(fwd, device, min_run_time, max_run_time=max_run_time)
                     flops = impl.flops(spec)
                     row.update(
                         time_fwd_ms=t.median_ms,
                         time_fwd_iqr_ms=t.iqr_ms,
                         time_fwd_first_ms=t.first_ms,
+                        time_fwd_runs=t.runs,
                         flops_fwd=flops,
                         gflops_fwd=flops / t.median_ms / 1e6,
                         peak_gflops=peak_gflops,
                         peak_fraction=flops / t.median_ms / 1e6 / peak_gflops,
                     )
-                    if t.noisy:
-                        row["warnings"].append(
-                            f"time_fwd: IQR {t.iqr_ms / t.median_ms:.0%} of the median"
-                        )
+                    row["warnings"] += t.warnings("time_fwd")
                     parts = impl.timed_parts(q, k, v, spec)
                     if "phase1" in parts:
                         row["time_phase1_ms"] = time_call(
-                            parts["phase1"], device, min_run_time
+                            parts["phase1"], device, min_run_time, max_run_time=max_run_time
                         ).median_ms
                 if "memory" in case.metrics:
                     row["mem_fwd_bytes"] = peak_memory(fwd, device)
@@ -232,16 +237,14 @@ def measure_case(
                 impl.forward(qg, kg, vg, grad_spec).backward(grad_out)
 
             if "time" in case.metrics:
-                t = time_call(fwdbwd, device, min_run_time)
+                t = time_call(fwdbwd, device, min_run_time, max_run_time=max_run_time)
                 row.update(
                     time_fwdbwd_ms=t.median_ms,
                     time_fwdbwd_iqr_ms=t.iqr_ms,
                     time_fwdbwd_first_ms=t.first_ms,
+                    time_fwdbwd_runs=t.runs,
                 )
-                if t.noisy:
-                    row["warnings"].append(
-                        f"time_fwdbwd: IQR {t.iqr_ms / t.median_ms:.0%} of the median"
-                    )
+                row["warnings"] += t.warnings("time_fwdbwd")
             if "memory" in case.metrics:
                 for t in (qg, kg, vg):  # the timing runs' gradients: freed before, not inside
                     t.grad = None
@@ -269,6 +272,29 @@ def _flops_or_none(case: MicroCase) -> int | None:
         return registry.create(case.impl, **case.params_dict).flops(_spec(case))
     except ValueError:
         return None
+
+
+def _first_size_skip(case: MicroCase, gflops: float, time_budget: float) -> str | None:
+    """Why a method's first size is skipped: one call of its slower direction would take
+    longer than the time budget even at this run's dense matmul rate (its FLOPs / the rate, a
+    lower bound); None where it would not, or where its FLOPs cannot be counted."""
+    impl = registry.create(case.impl, **case.params_dict)
+    spec = _spec(case)
+    grad_spec = dataclasses.replace(spec, requires_grad=True)
+    backward = "fwdbwd" in case.directions and not impl.unsupported_reasons(grad_spec)
+    try:
+        flops = impl.flops(spec, backward=backward)
+    except ValueError:
+        return None
+    predicted = flops / (gflops * 1e9)
+    if predicted <= time_budget:
+        return None
+    direction = "fwd+bwd" if backward else "fwd"
+    return (
+        f"predicted: one {direction} call would take at least ~{predicted:.1f} s "
+        f"({flops / 1e9:.3g} GFLOP at this run's matmul rate of {gflops:.3g} GFLOP/s), over "
+        f"the time budget {time_budget:g} s"
+    )
 
 
 def _budget_key(case: MicroCase) -> tuple:
@@ -465,17 +491,21 @@ def run_unlocked(
         where = f"{case.q_hw[0]}x{case.q_hw[1]}"
         key = _budget_key(case)
         size = case.q_hw[0] * case.q_hw[1] * case.kv_hw[0] * case.kv_hw[1]
-        # The slower direction's median; a first call (compilation, autotuning) only where
-        # nothing else was timed: compile time does not grow with the map.
-        slowest = max(row.get(k) or 0.0 for k in ("time_fwd_ms", "time_fwdbwd_ms")) or max(
-            row.get(k) or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms")
-        )
+        # The slower direction's median over its timed runs; a first call (compilation,
+        # autotuning) only where nothing else was timed: compile time does not grow with the map.
+        medians = {d: row.get(f"time_{d}_ms") or 0.0 for d in ("fwd", "fwdbwd")}
+        slower = max(medians, key=medians.get)
+        slowest, runs = medians[slower], row.get(f"time_{slower}_runs")
+        what = f"the median of {runs} timed run{'s' * (runs != 1)}" if runs else "the median call"
+        if not slowest:
+            slowest = max(row.get(k) or 0.0 for k in ("time_fwd_first_ms", "time_fwdbwd_first_ms"))
+            what = "the first call"
         if time_budget and slowest > time_budget * 1e3:
             limits.setdefault(
                 key,
                 (
                     size,
-                    f"skipped: one call at {where} took {slowest / 1e3:.1f} s, over the "
+                    f"skipped: {what} at {where} took {slowest / 1e3:.1f} s, over the "
                     f"time budget {time_budget:g} s",
                 ),
             )
@@ -508,12 +538,14 @@ def run_unlocked(
                     f"{prev_ms / 1e3:.2f} s at {prev_where}), over the time budget "
                     f"{time_budget:g} s"
                 )
+        elif skip is None and time_budget and peak and key not in last_ok:  # the first size
+            skip = _first_size_skip(case, peak, time_budget)
         if skip is not None:
             row = empty_row(case, ctx)
             label = registry.create(case.impl, **case.params_dict).label_for(_spec(case))
             row.update(status="unsupported", reason=skip, label=label)
         else:
-            row = measure_case(case, ctx, peak, budget, run_time)
+            row = measure_case(case, ctx, peak, budget, run_time, time_budget)
         row["timestamp"] = now()
         append_row(path, row)
         rows.append(row)

@@ -75,9 +75,13 @@ class MapSize:
 
 @dataclass(frozen=True, config=CONFIG)
 class TimingConfig:
-    """``min_run_time``: seconds of timed runs per measurement (after the first call).
-    ``time_budget_s``: once a call of an implementation takes longer, its larger maps are
-    skipped (rows with the reason)."""
+    """``min_run_time``: seconds of timed runs per measurement (after the first call), and at
+    least 3 timed runs (fewer only where they have taken 3 x ``time_budget_s``: the row's
+    ``time_fwd_runs`` and ``time_fwdbwd_runs`` give the count, and a warning says so).
+    ``time_budget_s``: once the median call of an implementation takes longer, its larger maps
+    are skipped (rows with the reason); so is a map predicted to take longer: scaled by FLOPs
+    from the implementation's last size, or, at its first size, its FLOPs at the run's matmul
+    rate."""
 
     min_run_time: Annotated[float, Field(gt=0)] = 0.5
     time_budget_s: Annotated[float, Field(gt=0)] | None = None

@@ -203,13 +203,29 @@ class Slow(Attention):
         return torch.zeros(q.shape[:-1] + v.shape[-1:])
 
 
+class NoisyOnce(Attention):
+    """1 ms a call, but its second and third take 0.3 s (a busy machine): with a short
+    ``min_run_time``, the first timed run is one of them."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.calls = 0
+
+    def forward(self, q, k, v, spec):
+        self.calls += 1
+        time.sleep(0.3 if self.calls in (2, 3) else 0.001)
+        return torch.zeros(q.shape[:-1] + v.shape[-1:])
+
+
 @pytest.fixture
 def test_impls():
     register("test.exploding")(Exploding)
     register("test.slow")(Slow)
+    register("test.noisy_once")(NoisyOnce)
     yield
     registry.unregister("test.exploding")
     registry.unregister("test.slow")
+    registry.unregister("test.noisy_once")
 
 
 def test_failures_are_rows_and_the_run_goes_on(tmp_path, test_impls):
@@ -228,7 +244,8 @@ def test_time_budget_skips_larger_maps(tmp_path, test_impls):
     assert rows[0]["status"] == "ok"
     for row in rows[1:]:
         assert row["status"] == "unsupported"
-        assert "one call at 4x4 took" in row["reason"] and "time budget 0.01 s" in row["reason"]
+        assert "the median of 1 timed run at 4x4 took" in row["reason"]
+        assert "time budget 0.01 s" in row["reason"]
 
 
 def test_time_budget_predicts_from_flops(tmp_path, test_impls):
@@ -243,6 +260,37 @@ def test_time_budget_predicts_from_flops(tmp_path, test_impls):
     predicted = re.match(r"predicted: one call would take ~([\d.]+) s", large["reason"])
     assert predicted and 0.7 <= float(predicted.group(1)) <= 2.0, large["reason"]
     assert large["reason"].endswith("over the time budget 0.2 s")
+
+
+def test_one_noisy_call_does_not_decide_the_time_budget(tmp_path, test_impls):
+    # Issue 17: one slow call at the first size (the only timed run) used to predict 16 x 0.3 s
+    # at 8x8, over the budget. Now the budget sees the median of at least 3 timed runs.
+    text = (
+        "implementations: [{name: test.noisy_once}]\nmaps: [4, 8]\ndirections: [fwd]\n"
+        "metrics: [time]\ntiming: {min_run_time: 0.01, time_budget_s: 0.5}\n"
+    )
+    _, (small, large) = run(write(tmp_path, text), tmp_path)
+    assert small["time_fwd_runs"] >= 3 and small["time_fwd_ms"] < 100, small
+    (warning,) = small["warnings"]  # the noise shows as a spread instead of IQR 0
+    assert warning.startswith("time_fwd: IQR ") and warning.endswith("% of the median")
+    assert large["status"] == "ok", large["reason"]
+
+
+def test_the_time_budget_applies_from_the_first_size(tmp_path, test_impls, monkeypatch):
+    # No earlier size: one call at 64x64, C = 64 is 4.3 GFLOP, which at a matmul rate of
+    # 1 GFLOP/s takes at least 4.3 s, over the budget of 1 s. none (no FLOPs) still runs.
+    monkeypatch.setattr(runner, "matmul_gflops", lambda **kw: 1.0)
+    text = (
+        "implementations: [{name: test.slow}, {name: none}]\nmaps: [64]\ndirections: [fwd]\n"
+        "metrics: [time]\ntiming: {min_run_time: 0.01, time_budget_s: 1}\n"
+    )
+    _, (slow, none) = run(write(tmp_path, text), tmp_path)
+    assert slow["status"] == "unsupported" and slow["time_fwd_ms"] is None
+    assert slow["reason"] == (
+        "predicted: one fwd call would take at least ~4.3 s (4.29 GFLOP at this run's matmul "
+        "rate of 1 GFLOP/s), over the time budget 1 s"
+    )
+    assert none["status"] == "ok"
 
 
 def test_resumed_run_remembers_the_time_budget(tmp_path, test_impls):
