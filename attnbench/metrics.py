@@ -132,12 +132,16 @@ def fid(
     model = fid_model(device) if model is None else model
 
     def statistics(images: torch.Tensor):
-        features = torch.cat(
-            [
-                model(images[i : i + batch].to(device).clamp(0, 1))[0].flatten(1).cpu()
-                for i in range(0, len(images), batch)
-            ]
-        ).double().numpy()
+        features = (
+            torch.cat(
+                [
+                    model(images[i : i + batch].to(device).clamp(0, 1))[0].flatten(1).cpu()
+                    for i in range(0, len(images), batch)
+                ]
+            )
+            .double()
+            .numpy()
+        )
         return features.mean(axis=0), np.cov(features, rowvar=False)
 
     return float(calculate_frechet_distance(*statistics(generated), *statistics(real)))

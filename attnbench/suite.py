@@ -144,7 +144,11 @@ class DataConfig:
     are cycled through; the held-out set has ``test_size`` items drawn with a fixed seed of its
     own. ``pose`` is what each branch sees of its pose: keypoint heatmaps, or heatmaps plus
     a coordinate map (the source's own; the target's warped like the image, so it says where
-    each target pixel comes from — what a folder of images without keypoints gets anyway).
+    each target pixel comes from — what a folder of images without keypoints gets anyway; in
+    the pose task, where the keypoints put it, limb by limb: ``limb_flow``). The pose task's
+    held-out DeepFashion pairs come from ``test_pairs`` (DeepFashion's test split), with
+    ``test_root`` and ``test_annotations`` where the test images live apart (default: ``root``
+    and ``annotations``).
     """
 
     source: Literal["mannequin", "folder", "deepfashion"] = "mannequin"
@@ -157,6 +161,9 @@ class DataConfig:
     fit: Literal["stretch", "pad"] = "stretch"
     train_size: PositiveInt = 10_000
     test_size: PositiveInt = 64
+    test_root: str | None = None
+    test_annotations: str | None = None
+    test_pairs: str | None = None
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -509,8 +516,10 @@ def check_train_suite(suite: TrainSuite, file: str) -> list[str]:
                 f"{file}: data.source: 'folder' has no poses to morph between (allowed for task "
                 "pose: mannequin, deepfashion with data.pairs)"
             )
-        if data.source == "deepfashion" and data.pairs is None:
-            problems.append(f"{file}: data.pairs: required for task pose with DeepFashion")
+        if data.source == "deepfashion":
+            for key in ("pairs", "test_pairs"):
+                if getattr(data, key) is None:
+                    problems.append(f"{file}: data.{key}: required for task pose with DeepFashion")
         weights = suite.pose or PoseConfig()
         if not (weights.perceptual or weights.self or weights.gan):
             problems.append(f"{file}: pose: every loss weight is 0 (allowed: at least one > 0)")
@@ -690,6 +699,9 @@ def expand_train(suite: TrainSuite, device: str) -> list[TrainCase]:
     data = dataclasses.asdict(suite.data)
     if data["pose"] == "heatmaps":  # the default hashes as it did before the key existed
         del data["pose"]
+    for key in ("test_root", "test_annotations", "test_pairs"):  # likewise
+        if data[key] is None:
+            del data[key]
     data = json.dumps(data, sort_keys=True)
     task_config = {}
     if suite.task == "pose":

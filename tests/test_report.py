@@ -131,6 +131,18 @@ def test_scaling_fits_power_laws_and_finds_where_a_method_overtakes():
     assert performer["memory_overtakes"] == "not up to 16,384 tokens"
 
 
+def test_scaling_of_methods_timed_without_memory_leaves_memory_out():
+    # Rows whose memory was not measured (no peak counter) used to crash the table.
+    sides = [8, 16, 32]
+    rows = [micro_row("full.sdpa", s, 1e-4 * (s * s) ** 2, None) for s in sides]
+    rows += [micro_row("none", s, 1e-3 * s * s, None) for s in sides]
+    (section,) = scaling_table(rows).sections
+    none = next(r for r in records(section) if r["method"] == "none")
+    assert none["time_exponent"] == pytest.approx(1.0)
+    assert none["time_overtakes"] is not None and pd.isna(none["memory_exponent"])
+    assert none["memory_overtakes"] is None
+
+
 def test_copying_means_and_stds_over_seeds_per_machine():
     l1 = {0: 0.10, 1: 0.12, 2: 0.13}
     rows = [train_row("none", seed, value) for seed, value in l1.items()]
@@ -298,10 +310,12 @@ def test_every_plot_has_a_title_axes_with_units_and_a_legend():
 
     figures = all_plots(load([FIXTURE / "rows.jsonl"]))
     names = [name for name, _ in figures]
-    # two machines in the fixture: every name of a copying plot carries its machine
-    prefixes = ("copying-memory-vs-l1-", "copying-kappa-", "copying-budget-hit-curve-")
-    for prefix in (*prefixes, "micro-time-memory-c64"):
+    # suite copying ran on two machines: its plots' names carry the machine; copying-budget
+    # and pose ran on one each, so theirs do not
+    prefixes = ("copying-memory-vs-l1-", "copying-kappa-", "micro-time-memory-c64")
+    for prefix in prefixes:
         assert any(name.startswith(prefix) for name in names), (prefix, names)
+    assert {"copying-budget-hit-curve", "pose-hit-curve", "pose-memory-vs-l1"} <= set(names)
     assert any(name.startswith("fidelity-error-vs-memory") for name in names)
     for name, fig in figures:
         title, labels, legend = figure_texts(fig)
@@ -327,7 +341,7 @@ def test_cli_report_writes_tables_and_names_a_missing_path(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "tables" / "micro.md").exists()
-    assert "112 rows" in ok.stdout
+    assert "118 rows" in ok.stdout
     bad = subprocess.run(
         cmd + ["--results", str(tmp_path / "nope")], capture_output=True, text=True
     )

@@ -456,7 +456,9 @@ class Mannequin:
         on = labels >= 0
         part = labels.clamp_min(0)
         ys, xs = torch.meshgrid(
-            torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+            torch.arange(h, dtype=torch.float64),
+            torch.arange(w, dtype=torch.float64),
+            indexing="ij",
         )
 
         def frame(bones: torch.Tensor) -> tuple[torch.Tensor, ...]:

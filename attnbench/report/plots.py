@@ -75,7 +75,7 @@ def memory_vs_l1(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """Attention memory against held-out L1, mean ± sd over seeds (the paper's Fig. 5a)."""
     figures = []
     train = train_rows(prepare(rows))
-    machines = set(train["machine"])
+    machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
     for (machine, suite, *_), part in groups(train, TRAIN_KEY):
         runs = labelled_runs(part).dropna(subset=["test_l1", "attn_mem_bytes"])
         if runs.empty:
@@ -103,7 +103,7 @@ def memory_vs_l1(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
                 fontsize=10,
             )
             sns.move_legend(ax, **LEGEND)
-        figures.append((name_for(f"{slug(suite)}-memory-vs-l1", machine, machines), fig))
+        figures.append((name_for(f"{slug(suite)}-memory-vs-l1", machine, machines[suite]), fig))
     return figures
 
 
@@ -112,7 +112,7 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     run's ``hit_curve``: one line per method, mean over seeds with a ± sd band."""
     figures = []
     train = train_rows(prepare(rows))
-    machines = set(train["machine"])
+    machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
     for (machine, suite, *_), part in groups(train, TRAIN_KEY):
         runs = labelled_runs(part).explode("hit_curve").dropna(subset=["hit_curve"])
         if runs.empty:
@@ -138,7 +138,7 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
                 fontsize=10,
             )
             sns.move_legend(ax, **LEGEND)
-        figures.append((name_for(f"{slug(suite)}-hit-curve", machine, machines), fig))
+        figures.append((name_for(f"{slug(suite)}-hit-curve", machine, machines[suite]), fig))
     return figures
 
 
@@ -209,7 +209,7 @@ def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """GPA's κ ablation (the paper's Fig. 7a): held-out L1 against κ, exact and none as lines."""
     figures = []
     train = train_rows(prepare(rows))
-    machines = set(train["machine"])
+    machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
     for (machine, suite, *_), part in groups(train, TRAIN_KEY):
         ok = part[part["status"] == "ok"]
         kappas = kappa_groups(ok)
@@ -244,7 +244,7 @@ def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
             ax.set_ylabel("held-out L1, mean ± std over seeds (1)")
             ax.set_title(f"{suite}: GPA's κ ablation on held-out L1\n{machine}", fontsize=10)
             ax.legend(fontsize=8)
-        figures.append((name_for(f"{slug(suite)}-kappa", machine, machines), fig))
+        figures.append((name_for(f"{slug(suite)}-kappa", machine, machines[suite]), fig))
     return figures
 
 

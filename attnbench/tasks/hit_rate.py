@@ -116,7 +116,10 @@ def hit_mass_at(
 ) -> tuple[dict[int, float], int]:
     """``hit_mass`` given every query's true source ``points`` [B, Nq, 2] (key-map pixels) and
     which of them count, ``inside`` [B, Nq]."""
-    if points.shape != (*weights.shape[:1], weights.shape[2], 2) or inside.shape != points.shape[:2]:
+    if (
+        points.shape != (*weights.shape[:1], weights.shape[2], 2)
+        or inside.shape != points.shape[:2]
+    ):
         raise ValueError(
             f"points {tuple(points.shape)}, inside {tuple(inside.shape)} do not fit weights "
             f"{tuple(weights.shape)} (allowed: points [B, Nq, 2], inside [B, Nq])"

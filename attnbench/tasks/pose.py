@@ -67,11 +67,17 @@ class PoseTask(Task):
         from attnbench.data import PosePairDataset
 
         data = self.suite.data
-        source = make_source(self.suite, size)
         pairs = {"sigma": data.sigma, "noise": data.noise, "coords": data.pose == "heatmaps+coords"}
         return (
-            PosePairDataset(source, data.train_size, seed=self.case.seed, **pairs),
-            PosePairDataset(source, data.test_size, seed=TEST_SEED, **pairs),
+            PosePairDataset(
+                make_source(self.suite, size), data.train_size, seed=self.case.seed, **pairs
+            ),
+            PosePairDataset(
+                make_source(self.suite, size, held_out=True),
+                data.test_size,
+                seed=TEST_SEED,
+                **pairs,
+            ),
         )
 
     def setup(self, model, loss_fn) -> None:

@@ -71,8 +71,12 @@ def average_gradients(module: torch.nn.Module) -> None:
             p.grad /= world_size
 
 
-def make_source(suite: TrainSuite, size: tuple[int, int]):
-    """The item source the data config names, at the generator's image size."""
+def make_source(suite: TrainSuite, size: tuple[int, int], held_out: bool = False):
+    """The item source the data config names, at the generator's image size.
+
+    ``held_out``: the DeepFashion source of the held-out pairs (``test_pairs``, with
+    ``test_root`` and ``test_annotations`` where given) when the config names them.
+    """
     from attnbench.data import DeepFashion, ImageFolder, Mannequin
 
     data = suite.data
@@ -80,9 +84,11 @@ def make_source(suite: TrainSuite, size: tuple[int, int]):
         return Mannequin(size=size, sigma=data.sigma)
     if data.source == "folder":
         return ImageFolder(data.root, size, fit=data.fit)
-    return DeepFashion(
-        data.root, data.annotations, data.pairs, size=size, sigma=data.sigma, fit=data.fit
-    )
+    root, annotations, pairs = data.root, data.annotations, data.pairs
+    if held_out and data.test_pairs is not None:
+        root, annotations = data.test_root or root, data.test_annotations or annotations
+        pairs = data.test_pairs
+    return DeepFashion(root, annotations, pairs, size=size, sigma=data.sigma, fit=data.fit)
 
 
 class Loss:
@@ -323,7 +329,10 @@ def copy_hit_rates(model, test_set, items: int, eval_batch: int, device: str, tr
                     weights = block.attention.weights(
                         q[j : j + 1], k[j : j + 1], block.map_size, block.map_size
                     )
-                    where = points[j : j + 1].to(weights.device), inside[j : j + 1].to(weights.device)
+                    where = (
+                        points[j : j + 1].to(weights.device),
+                        inside[j : j + 1].to(weights.device),
+                    )
                     masses, count = hit_mass_at(weights, *where, block.map_size)
                     for r in RADII:
                         sums[name][r] += masses[r]
