@@ -1,9 +1,6 @@
 """The affine-copying training task: rows, resume, divergence, DDP, and metric weights."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -80,16 +77,8 @@ def test_non_finite_loss_is_a_diverged_row(tmp_path, suite_from_text, monkeypatc
         assert row["status"] == "diverged" and row["reason"] == "loss became nan at step 0"
 
 
-def test_two_process_ddp_keeps_replicas_identical(tmp_path):
-    suite_file = tmp_path / "tiny.yaml"
-    suite_file.write_text(TINY.replace("  - name: gpa.torch\n", "").replace("steps: 6", "steps: 3"))
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "-m", "attnbench", "run", str(suite_file)]
-    cmd += ["--out", str(tmp_path), "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = [json.loads(line) for line in (tmp_path / "tiny-cpu.jsonl").read_text().splitlines()]
+def test_two_process_ddp_keeps_replicas_identical(torchrun_suite):
+    row = torchrun_suite(TINY.replace("  - name: gpa.torch\n", "").replace("steps: 6", "steps: 3"))
     assert row["status"] == "ok", row["reason"]
     assert row["world_size"] == 2 and row["replicas_identical"] is True
 
@@ -208,7 +197,8 @@ def test_committed_train_case_ids_stay_valid():
     root = os.path.join(os.path.dirname(__file__), "..")
     rows = read_rows([os.path.join(root, "results", "raw", "copying-cpu.jsonl")])
     (suite,) = load_suites(os.path.join(root, "suites", "copying.yaml"))
-    assert {c.case_id for c in expand_train(suite, "cpu")} == {r["case_id"] for r in rows}
+    ids = {c.case_id for c in expand_train(suite, "cpu")}
+    assert {r["case_id"] for r in rows} <= ids  # methods added since have no rows yet
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,6 @@
 """The pose-morphing task: its data, copy score, discriminator, FID, and the training loop."""
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -203,16 +201,8 @@ def test_resumed_pose_run_equals_an_uninterrupted_one(tmp_path, suite_from_text,
     assert resumed["copy_hit_rate"]["largest"] == pytest.approx(whole["copy_hit_rate"]["largest"])
 
 
-def test_two_process_ddp_keeps_both_networks_identical(tmp_path):
-    suite_file = tmp_path / "tiny.yaml"
-    suite_file.write_text(TINY.replace("steps: 4", "steps: 2"))
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "-m", "attnbench", "run", str(suite_file)]
-    cmd += ["--out", str(tmp_path), "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = [json.loads(line) for line in (tmp_path / "tiny-cpu.jsonl").read_text().splitlines()]
+def test_two_process_ddp_keeps_both_networks_identical(torchrun_suite):
+    row = torchrun_suite(TINY.replace("steps: 4", "steps: 2"))
     assert row["status"] == "ok", row["reason"]
     assert row["world_size"] == 2 and row["replicas_identical"] is True
 

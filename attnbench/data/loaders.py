@@ -309,7 +309,32 @@ class DeepFashion(Dataset):
         return self.load(source), self.load(target)
 
 
-class AffineCopyDataset(Dataset):
+class PairSet(Dataset):
+    """What the pair datasets share: ``length`` items from ``source`` under ``seed``, with
+    heatmaps of ``sigma`` and the self-supervision warp theta = identity + U(-noise, noise);
+    ``coords`` adds 2 coordinate channels to the poses (``pose_channels``)."""
+
+    def __init__(self, source, length: int, seed: int, sigma: float, noise: float, coords: bool):
+        if length < 1:
+            raise ValueError(f"length={length} (must be >= 1)")
+        if not sigma > 0:
+            raise ValueError(f"sigma={sigma} (must be > 0)")
+        self.source, self.length, self.seed = source, int(length), int(seed)
+        self.sigma, self.noise, self.coords = float(sigma), float(noise), bool(coords)
+        self.pose_channels = source.pose_channels + (2 if self.coords else 0)
+        self.size = source.size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def generator(self, index: int, tag: int) -> torch.Generator:
+        """Item ``index``'s own generator (raising IndexError outside the set)."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        return torch.Generator().manual_seed(derive_seed(self.seed, index, tag))
+
+
+class AffineCopyDataset(PairSet):
     """A fixed set of ``length`` affine pairs (``affine_pair``) from a source of images.
 
     Item i takes image i of the source (a ``Mannequin``: ``sample(seed, i)``; an ``ImageFolder``
@@ -337,23 +362,11 @@ class AffineCopyDataset(Dataset):
         noise: float = WARP_NOISE,
         coords: bool = False,
     ) -> None:
-        if length < 1:
-            raise ValueError(f"length={length} (must be >= 1)")
-        if not sigma > 0:
-            raise ValueError(f"sigma={sigma} (must be > 0)")
-        self.source, self.length, self.seed = source, int(length), int(seed)
-        self.sigma, self.noise = float(sigma), float(noise)
-        self.coords = bool(coords) and source.pose_channels != 2  # 2: a coordinate map already
-        self.pose_channels = source.pose_channels + (2 if self.coords else 0)
-        self.size = source.size
-
-    def __len__(self) -> int:
-        return self.length
+        coords = bool(coords) and source.pose_channels != 2  # 2: a coordinate map already
+        super().__init__(source, length, seed, sigma, noise, coords)
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, index, _AFFINE_ITEM))
+        generator = self.generator(index, _AFFINE_ITEM)
         with single_thread():  # small tensors: threads cost more than they give
             if isinstance(self.source, Mannequin):
                 sample = self.source.sample(self.seed, index)
@@ -363,7 +376,7 @@ class AffineCopyDataset(Dataset):
         return {key: value for key, value in pair.items() if value is not None}
 
 
-class PosePairDataset(Dataset):
+class PosePairDataset(PairSet):
     """A fixed set of ``length`` pose-morphing pairs: one appearance in two poses.
 
     Item i is pair i of the source (a ``Mannequin``: ``pair(seed, i)``, a new appearance and two
@@ -394,28 +407,16 @@ class PosePairDataset(Dataset):
         noise: float = WARP_NOISE,
         coords: bool = False,
     ) -> None:
-        if length < 1:
-            raise ValueError(f"length={length} (must be >= 1)")
-        if not sigma > 0:
-            raise ValueError(f"sigma={sigma} (must be > 0)")
         if not isinstance(source, Mannequin | DeepFashion):
             raise ValueError(
                 f"pose pairs need a Mannequin or a DeepFashion source, got {type(source).__name__}"
             )
         if isinstance(source, DeepFashion) and not source.pairs():
             raise ValueError("pose pairs from DeepFashion need its pairs file (data.pairs)")
-        self.source, self.length, self.seed = source, int(length), int(seed)
-        self.sigma, self.noise, self.coords = float(sigma), float(noise), bool(coords)
-        self.pose_channels = source.pose_channels + (2 if self.coords else 0)
-        self.size = source.size
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(source, length, seed, sigma, noise, coords)
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, index, _POSE_ITEM))
+        generator = self.generator(index, _POSE_ITEM)
         with single_thread():
             if isinstance(self.source, Mannequin):
                 first, second = self.source.pair(self.seed, index)

@@ -697,21 +697,12 @@ def copying_table(rows: pd.DataFrame) -> Table:
     )
 
 
+TRAIN_COL = {col.key: col for col in TRAIN_COLS}
 POSE_COLS = [
-    Col("implementation", "label"),
-    Col("runs ok", "runs"),
-    Col("FID", "fid", ".2f", std="fid_std"),
-    Col("SSIM", "ssim", ".4f", std="ssim_std"),
-    Col("LPIPS", "lpips", ".4f", std="lpips_std"),
-    Col("PSNR dB", "psnr", ".2f", std="psnr_std"),
-    Col("test L1", "test_l1", ".4f", std="test_l1_std"),
+    *(TRAIN_COL[k] for k in ("label", "runs", "fid", "ssim", "lpips", "psnr", "test_l1")),
     Col("copy score r=1", "hit_r1", ".3f", std="hit_r1_std"),
     Col("copy score r=2", "hit_r2", ".3f", std="hit_r2_std"),
-    Col("attention MiB", "attn_mib", ".3g"),
-    Col("step ms", "step_ms", ".4g"),
-    Col("steps done", "steps_done", ".0f"),
-    Col("training s", "train_s", ".0f"),
-    Col("parameters", "n_params"),
+    *(TRAIN_COL[k] for k in ("attn_mib", "step_ms", "steps_done", "train_s", "n_params")),
     *COMPARISON_COLS,
 ]
 
