@@ -142,6 +142,8 @@ class Attention:
     DEVICES: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     DTYPES: ClassVar[tuple[torch.dtype, ...]] = tuple(_DTYPE_NAMES)
     SUPPORTS_BACKWARD: ClassVar[bool] = True
+    BACKWARD_DEVICES: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # where backward runs
+    BACKWARD_LIMIT: ClassVar[str] = ""  # why it does not on the other devices
     NEEDS_SPATIAL: ClassVar[bool] = False
     EXACT: ClassVar[bool] = False
     REQUIRES: ClassVar[tuple[str, ...]] = ()
@@ -216,6 +218,11 @@ class Attention:
             reasons.append(f"dtype={dtype_name(spec.dtype)} (supported: {allowed})")
         if spec.requires_grad and not self.SUPPORTS_BACKWARD:
             reasons.append("inputs require grad (backward is not supported)")
+        elif spec.requires_grad and spec.device not in self.BACKWARD_DEVICES:
+            reasons.append(
+                f"inputs require grad on device={spec.device} ({self.BACKWARD_LIMIT}; backward "
+                f"is supported on {', '.join(self.BACKWARD_DEVICES)})"
+            )
         if self.NEEDS_SPATIAL and (spec.q_hw is None or spec.kv_hw is None):
             reasons.append(f"q_hw={spec.q_hw}, kv_hw={spec.kv_hw} (needs both spatial map shapes)")
         return reasons

@@ -375,15 +375,8 @@ class NeighbourhoodFlex(NeighbourhoodBase):
 
     REQUIRES = ("torch.nn.attention.flex_attention",)
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-    def unsupported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = super().unsupported_reasons(spec)
-        if spec.device == "cpu" and spec.requires_grad:
-            reasons.append(
-                "inputs require grad on device=cpu (FlexAttention's compiled CPU kernel is "
-                "forward-only; backward is supported on cuda)"
-            )
-        return reasons
+    BACKWARD_DEVICES = ("cuda",)
+    BACKWARD_LIMIT = "FlexAttention's compiled CPU kernel is forward-only"
 
     def forward(self, q, k, v, spec):
         p = self.params
@@ -424,6 +417,10 @@ class NeighbourhoodNatten(NeighbourhoodBase):
 
     REQUIRES = ("natten",)
     INSTALL_HINT = 'pip install "attnbench[natten]"'
+    BACKWARD_DEVICES = ("cuda",)
+    BACKWARD_LIMIT = (
+        "NATTEN runs FlexAttention eagerly on the CPU, forward-only; on cuda it needs libnatten"
+    )
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
     @classmethod
@@ -444,11 +441,6 @@ class NeighbourhoodNatten(NeighbourhoodBase):
 
     def unsupported_reasons(self, spec: AttentionSpec) -> list[str]:
         reasons = super().unsupported_reasons(spec)
-        if spec.device == "cpu" and spec.requires_grad:
-            reasons.append(
-                "inputs require grad on device=cpu (NATTEN runs FlexAttention eagerly on the "
-                "CPU, forward-only; backward needs cuda with libnatten)"
-            )
         if self.params["kernel"] == 1:
             reasons.append(
                 "kernel=1 (NATTEN's na2d needs kernel >= 2; allowed: an odd kernel >= 3)"

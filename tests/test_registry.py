@@ -1,5 +1,6 @@
 """Registration, discovery and the error messages users see."""
 
+import dataclasses
 import json
 import textwrap
 
@@ -178,6 +179,22 @@ def test_backward_and_spatial_limits_are_reasons(scratch_name):
         "inputs require grad (backward is not supported)",
         "q_hw=None, kv_hw=None (needs both spatial map shapes)",
     ]
+
+
+def test_backward_on_some_devices_only_is_a_reason_elsewhere(scratch_name):
+    @register(scratch_name)
+    class BackwardOnCuda(Attention):
+        BACKWARD_DEVICES = ("cuda",)
+        BACKWARD_LIMIT = "the CPU kernel is forward-only"
+
+    spec = AttentionSpec(1, 1, 16, 16, 8, 8, requires_grad=True)
+    assert BackwardOnCuda().unsupported_reasons(spec) == [
+        "inputs require grad on device=cpu (the CPU kernel is forward-only; backward is "
+        "supported on cuda)"
+    ]
+    assert (
+        BackwardOnCuda().unsupported_reasons(dataclasses.replace(spec, requires_grad=False)) == []
+    )
 
 
 def test_xformers_not_installed_reason():

@@ -67,14 +67,11 @@ class GPAFlex(GPABase):
 
     REQUIRES = ("torch.nn.attention.flex_attention",)
     DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+    BACKWARD_DEVICES = ("cuda",)
+    BACKWARD_LIMIT = "FlexAttention's compiled CPU kernel is forward-only"
 
     def unsupported_reasons(self, spec: AttentionSpec) -> list[str]:
         reasons = super().unsupported_reasons(spec)
-        if spec.device == "cpu" and spec.requires_grad:
-            reasons.append(
-                "inputs require grad on device=cpu (FlexAttention's compiled CPU kernel is "
-                "forward-only; backward is supported on cuda)"
-            )
         if spec.device == "cuda" and not reasons:
             geom = self.geometry(spec)
             for what, size in (("query", geom.cell_side**2), ("key", geom.d**2)):
