@@ -71,10 +71,15 @@ class Discriminator(nn.Module):
         super().__init__()
         h, w = image_size
         halvings = math.log2(min(h, w) / FINAL_SIZE)
-        if halvings < 1 or halvings != int(halvings) or h % w and w % h:
+        if (
+            halvings < 1
+            or halvings != int(halvings)
+            or h % 2 ** int(halvings)
+            or w % 2 ** int(halvings)
+        ):
             raise ValueError(
-                f"image_size={tuple(image_size)} (allowed: sides that halve to {FINAL_SIZE} on "
-                "the shorter side, a power of two times 4 each, e.g. 64x64)"
+                f"image_size={tuple(image_size)} (allowed: a shorter side of {FINAL_SIZE} times a "
+                "power of two, which both sides divide by, e.g. 64x64 or 512x256)"
             )
         if len(channels) != int(halvings):
             raise ValueError(
