@@ -520,3 +520,114 @@ def test_an_infinite_key_kept_by_phase_2_scores_minus_inf_under_euclid(name, val
     assert torch.isfinite(expected).all()
     out = registry.create(name, **params)(q, k, v, q_hw=hw, kv_hw=hw)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def gradients(name, params, q, k, v, q_hw, kv_hw, threads=None):
+    """(out, dq, dk, dv) of ``name`` on leaf copies of q, k, v, with a fixed output gradient."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        out = registry.create(name, **params)(q, k, v, q_hw=q_hw, kv_hw=kv_hw)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad))
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs(), threads=st.sampled_from([1, 2, 3]))
+def test_cpp_backward_equals_reference(cfg, threads):
+    # Rectangular and cross-attention maps, batch and heads, both affinities, C != Cv; with 2 or
+    # 3 threads the cells are split between workers whose key and value gradients meet in tiles.
+    q, k, v = inputs(
+        cfg["b"], cfg["h"], cfg["q_hw"], cfg["kv_hw"], cfg["c"], cfg["cv"], seed=cfg["seed"]
+    )
+    args = (cfg["params"], q, k, v, cfg["q_hw"], cfg["kv_hw"])
+    expected = gradients("gpa.reference", *args)
+    got = gradients("gpa.cpp", *args, threads=threads)
+    for which, ref, out in zip(["out", "dq", "dk", "dv"], expected, got):
+        torch.testing.assert_close(
+            out, ref, rtol=1e-10, atol=1e-12, msg=lambda m, w=which: f"{w}: {m}"
+        )
+
+
+@needs_cpp
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+def test_cpp_backward_with_every_key_kept_is_exact_attentions(affinity):
+    # 8x16 queries, 12x8 keys, d = 2: all 24 low-res keys kept, so gradients are exact attention's.
+    q, k, v = inputs(2, 2, (8, 16), (12, 8), 8, 5, seed=1)
+    params = {"downsample": 2, "cell": 2, "topk": 24, "affinity": affinity}
+    got = gradients("gpa.cpp", params, q, k, v, (8, 16), (12, 8), threads=2)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = exact_attention(*leaves, 8**-0.5, affinity)
+    grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    expected = torch.autograd.grad(out, leaves, grad)
+    for which, ref, g in zip("qkv", expected, got[1:]):
+        torch.testing.assert_close(
+            g, ref, rtol=1e-9, atol=1e-11, msg=lambda m, w=which: f"d{w}: {m}"
+        )
+
+
+@needs_cpp
+def test_cpp_backward_with_tied_relevances_equals_reference():
+    # Constant keys: every low-res key ties, every cell keeps keys 0..κ-1 (the lower indices),
+    # and the blocks of those keys get the gradients of all 16 cells.
+    q = torch.randn(1, 2, 64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    k = torch.ones(1, 2, 64, 4, dtype=torch.float64)
+    v = torch.randn(1, 2, 64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    params = {"downsample": 2, "cell": 1, "topk": 3}
+    expected = gradients("gpa.reference", params, q, k, v, (8, 8), (8, 8))
+    got = gradients("gpa.cpp", params, q, k, v, (8, 8), (8, 8), threads=2)
+    assert got[2][0, 0, 16:].abs().max() == 0, "blocks no cell keeps get no key gradient"
+    for which, ref, g in zip(["out", "dq", "dk", "dv"], expected, got):
+        torch.testing.assert_close(
+            g, ref, rtol=1e-10, atol=1e-12, msg=lambda m, w=which: f"{w}: {m}"
+        )
+
+
+@needs_cpp
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+def test_cpp_backward_in_float32_and_the_same_on_every_run(affinity):
+    q, k, v = inputs(2, 2, (16, 16), (16, 12), 8, 6, dtype=torch.float32, seed=7)
+    params = {"downsample": 2, "cell": 2, "topk": 5, "affinity": affinity}
+    expected = gradients(
+        "gpa.reference", params, q.double(), k.double(), v.double(), (16, 16), (16, 12)
+    )
+    first = gradients("gpa.cpp", params, q, k, v, (16, 16), (16, 12), threads=2)
+    again = gradients("gpa.cpp", params, q, k, v, (16, 16), (16, 12), threads=2)
+    for which, ref, g, h in zip(["out", "dq", "dk", "dv"], expected, first, again):
+        assert torch.equal(g, h), f"{which}: two runs on 2 threads differ"
+        torch.testing.assert_close(
+            g.double(), ref, rtol=1e-4, atol=1e-5, msg=lambda m, w=which: f"{w}: {m}"
+        )
+
+
+@needs_cpp
+@pytest.mark.parametrize("affinity", ["dot", "euclid"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_cpp_backward_non_finite_inputs_as_in_the_reference(affinity, where, value):
+    # One NaN or ±inf entry in head 1: the gradients are non-finite where gpa.reference's are,
+    # NaN where its are, the finite ones equal, head 0's untouched. Under euclid the key
+    # gradient is taken expanded, dS^T q_s - 2 scale k colsum(dS) (gpa.torch's too), where the
+    # reference differentiates |q - k|²: a sum of infinities of one sign there can be one of
+    # mixed signs here, so an infinite entry of the reference's may be NaN in dk.
+    hw, params = (8, 8), {"downsample": 2, "cell": 2, "topk": 3, "affinity": affinity}
+    q, k, v = inputs(1, 2, hw, hw, 4, 3, dtype=torch.float32, seed=10)
+    token = 5 if where == "q" else kept_block_token(params, q, k, v, hw, head=1)
+    {"q": q, "k": k, "v": v}[where][0, 1, token, 1] = value
+    expected = gradients("gpa.reference", params, q.double(), k.double(), v.double(), hw, hw)
+    got = gradients("gpa.cpp", params, q, k, v, hw, hw, threads=2)
+    for which, ref, g in zip(["out", "dq", "dk", "dv"], expected, got):
+        g = g.double()
+        assert torch.isfinite(g[0, 0]).all(), f"{which}: head 0 has no non-finite input"
+        finite = ref.isfinite()
+        assert torch.equal(g.isfinite(), finite), f"{which}: non-finite in other places"
+        assert g[ref.isnan()].isnan().all(), f"{which}: a NaN of the reference's is not NaN"
+        infinite = ref.isinf()
+        if affinity == "euclid" and which == "dk":
+            infinite &= ~g.isnan()
+        assert torch.equal(g[infinite], ref[infinite]), f"{which}: infinities differ"
+        torch.testing.assert_close(g[finite], ref[finite], rtol=1e-4, atol=1e-5, msg=which)

@@ -9,10 +9,14 @@ Jetchev et al. 2021 (arXiv 2107.03742); see :mod:`attnbench.impls.gpa.common`. T
   softmax, P V (BLAS), and write its output rows in place — no cell-major copies of queries,
   keys, values or outputs are made, which is where ``gpa.torch`` spends a third of phase 2.
 
+- phase 2's backward pass, per query cell: the same gathers plus the output gradient, the
+  probabilities recomputed from the forward's log-sum-exp, and dV, dP, dQ, dK by BLAS; each
+  thread adds the key and value gradients of its own contiguous range of cells into tiles of
+  its own, summed at the end in a fixed order (no races, the same sums on every run).
+
 Pooling and the cell-major reorder of the low-res queries are ``gpa.torch``'s
-(:func:`~attnbench.impls.gpa.vectorised.low_res_inputs`). Gradients: the kernel also returns
-each query's log-sum-exp, and the backward pass is ``gpa.torch``'s
-(:class:`~attnbench.impls.gpa.vectorised.GridAttention`).
+(:func:`~attnbench.impls.gpa.vectorised.low_res_inputs`); autograd goes through
+:class:`~attnbench.impls.gpa.vectorised.GridAttention` with the kernel's forward and backward.
 
 The kernel is compiled on first use by :func:`torch.utils.cpp_extension.load` (a C++ compiler
 and ninja; about 25 s once, then loaded from torch's extension cache) with ``-march=native``
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 from attnbench.impls.gpa.common import Geometry, GPABase
-from attnbench.impls.gpa.vectorised import GPATorch, grid_attention, low_res_inputs
+from attnbench.impls.gpa.vectorised import grid_attention, low_res_inputs
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 
@@ -161,6 +165,28 @@ def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse:
     return out.reshape(b, h, nq, v.shape[3]), lse
 
 
+def attend_backward(q, k, v, keys, out, lse, grad_out, geom: Geometry, affinity: str, scale):
+    """Phase 2's gradients (dq, dk, dv) in the kernel, from :func:`attend`'s output and lse."""
+    b, h, nq, c = q.shape
+    nk, cv = k.shape[2], v.shape[3]
+    dq, dk, dv = kernel().attend_backward(
+        q.reshape(b * h, nq, c).contiguous(),
+        k.reshape(b * h, nk, c).contiguous(),
+        v.reshape(b * h, nk, cv).contiguous(),
+        keys.reshape(b * h, geom.m, geom.topk).contiguous(),
+        out.reshape(b * h, nq, cv).contiguous(),
+        lse.contiguous(),
+        grad_out.reshape(b * h, nq, cv).contiguous(),
+        geom.d,
+        geom.cell_side,
+        geom.q_hw[1],
+        geom.kv_hw[1],
+        affinity == "euclid",
+        scale,
+    )
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v)
+
+
 @register("gpa.cpp")
 class GPACpp(GPABase):
     """GPA with both phases in a C++ kernel fused per query cell (CPU)."""
@@ -197,7 +223,9 @@ class GPACpp(GPABase):
         scale = self.scale_for(spec.channels)
         affinity = self.params["affinity"]
         keys = self.select_keys(q, k, geom, scale)
-        return grid_attention(q, k, v, keys, geom, affinity, scale, phase2=attend)
+        return grid_attention(
+            q, k, v, keys, geom, affinity, scale, phase2=attend, phase2_grad=attend_backward
+        )
 
     def select_keys(self, q, k, geom, scale):
         return select_keys(q, k, geom, self.params["affinity"], scale)
@@ -205,17 +233,28 @@ class GPACpp(GPABase):
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
         # Forward: the output, the pooled queries (and their cell-major copy) and keys, one
         # band of phase-1 scores, and per thread a cell's queries, keys, values, scores and
-        # outputs. Backward: gpa.torch's (the same saved tensors and band buffers).
-        if backward:
-            return GPATorch(**self.params).memory_bytes(spec, backward=True)
+        # outputs. Backward adds the saved log-sum-exp, the output and its gradient, the input
+        # gradients, per thread a cell's buffers (queries, keys, values, output and its gradient,
+        # probabilities and their gradient, query, key and value gradients), and every thread
+        # but the first one tile of key and value gradients per block its cells keep.
         geom = self.geometry(spec)
         bh = spec.batch * spec.heads
         c, cv = spec.channels, spec.v_channels
+        threads = torch.get_num_threads()
         low_q = bh * (spec.q_tokens // geom.d**2) * c
         low_k = bh * geom.nk_low * c
         per_cell = geom.s**2 * geom.nk_low
         band = min(geom.m, max(1, PHASE1_BAND_SCORES // per_cell)) * per_cell
         queries, n_keys = geom.cell_side**2, geom.keys_per_cell
         per_thread = queries * (c + cv + n_keys) + n_keys * (c + cv)
-        scratch = 3 * low_q + low_k + band + torch.get_num_threads() * per_thread
-        return spec.output_bytes + scratch * spec.element_size
+        scratch = 3 * low_q + low_k + band + threads * per_thread
+        forward = spec.output_bytes + scratch * spec.element_size
+        if not backward:
+            return forward
+        workers = min(threads, bh * geom.m)
+        blocks = min(bh * geom.nk_low, -(-bh * geom.m // workers) * geom.topk)
+        tiles = (workers - 1) * blocks * geom.d**2 * (c + cv)
+        per_thread = queries * (2 * c + 3 * cv + 2 * n_keys) + n_keys * (2 * c + 2 * cv)
+        lse = bh * spec.q_tokens
+        extra = (lse + threads * per_thread + tiles) * spec.element_size
+        return forward + 2 * spec.output_bytes + spec.input_bytes + extra

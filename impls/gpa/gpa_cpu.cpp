@@ -52,6 +52,16 @@ void gemm_abt(int m, int n, int k, const double* a, const double* b, double* c) 
   dgemm_("T", "N", &n, &m, &k, &one, b, &k, a, &k, &zero, c, &n);
 }
 
+// Row-major C[m x n] = A^T B (A is k x m, B is k x n, row-major): column-major C^T = B^T A.
+void gemm_atb(int m, int n, int k, const float* a, const float* b, float* c) {
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_("N", "T", &n, &m, &k, &one, b, &n, a, &m, &zero, c, &n);
+}
+void gemm_atb(int m, int n, int k, const double* a, const double* b, double* c) {
+  const double one = 1.0, zero = 0.0;
+  dgemm_("N", "T", &n, &m, &k, &one, b, &n, a, &m, &zero, c, &n);
+}
+
 // Row-major C[m x n] = A[m x k] B (B is k x n, row-major): column-major C^T = B^T A^T.
 void gemm_ab(int m, int n, int k, const float* a, const float* b, float* c) {
   const float one = 1.0f, zero = 0.0f;
@@ -67,9 +77,10 @@ void gemm_ab(int m, int n, int k, const double* a, const double* b, double* c) {
 // (Cody-Waite, ln2 split in two), Cephes' degree-7 polynomial for e^r (relative error ~1e-7,
 // float's own), then 2^n applied as 2^(n + 64), written into the exponent bits, times 2^-64:
 // exact for normal results, one rounding for subnormal ones (below e^-87.3), as std::exp.
-// Below -104, where e^x rounds to 0, x is clamped: the result is 0 or the least subnormal.
-inline float exp_nonpositive(float x) {
-  x = x < -104.0f ? -104.0f : x;
+// Below -104, where e^x rounds to 0 (e^-104 is under half the least subnormal), the result is
+// 0 (x is clamped first, so that 2^n stays in range).
+inline float exp_nonpositive(float arg) {
+  const float x = arg < -104.0f ? -104.0f : arg;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -82,7 +93,7 @@ inline float exp_nonpositive(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 64 + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale * 5.42101086242752217e-20f;  // 2^-64
+  return arg < -104.0f ? 0.0f : p * scale * 5.42101086242752217e-20f;  // 2^-64
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
@@ -242,78 +253,251 @@ void phase1(const T* q_cells, const T* k_low, const T* bias, int64_t* keys, T* k
   }
 }
 
-// Phase 2. q [G, Nq, C], k [G, Nk, C], v [G, Nk, Cv]: row-major maps; keys [G, m, kappa].
-// lse, if not null, is written cell-row-major, [cell_rows, G, cell_cols, side^2], as the
-// backward pass (GridAttention in vectorised.py) reads it.
+// Phase 2's layout. q [G, Nq, C], k [G, Nk, C], v [G, Nk, Cv]: row-major maps of widths wq and
+// wk; keys [G, m, kappa]: the low-res keys each query cell keeps. A job is one query cell:
+// side rows of side query tokens, and kappa blocks of d rows of d key tokens.
+struct Layout {
+  int64_t groups, c, cv, d, side, wq, nq, wk, nk, cell_rows, cell_cols, topk;
+  int64_t cells() const { return cell_rows * cell_cols; }
+  int64_t queries() const { return side * side; }
+  int64_t n_keys() const { return topk * d * d; }
+  int64_t low_res_keys() const { return (nk / wk / d) * (wk / d); }
+  // The first token of row a of query cell `cell`.
+  int64_t query_token(int64_t cell, int64_t a) const {
+    return ((cell / cell_cols) * side + a) * wq + (cell % cell_cols) * side;
+  }
+  // The first token of row a of low-res key `block`'s d x d block.
+  int64_t key_token(int64_t block, int64_t a) const {
+    const int64_t kw = wk / d;
+    return ((block / kw) * d + a) * wk + (block % kw) * d;
+  }
+  // Where query i of cell `cell` of group g finds its log-sum-exp: [cell_rows, G, cell_cols,
+  // side^2], as the backward pass in vectorised.py (GridAttention) reads it.
+  int64_t lse_offset(int64_t g, int64_t cell) const {
+    return (((cell / cell_cols) * groups + g) * cell_cols + cell % cell_cols) * queries();
+  }
+};
+
+// A query cell's rows of x [Nq, width] (one group's map), times factor, into dst [side^2, width].
+template <typename T>
+void gather_cell(const T* x, const Layout& p, int64_t cell, int64_t width, T factor, T* dst) {
+  for (int64_t a = 0; a < p.side; ++a) {
+    const T* src = x + p.query_token(cell, a) * width;
+    T* row = dst + a * p.side * width;
+#pragma omp simd
+    for (int64_t i = 0; i < p.side * width; ++i) row[i] = src[i] * factor;
+  }
+}
+
+// The kept blocks of keys kg [Nk, C] and values vg [Nk, Cv] (one group's maps) into kb
+// [kappa d^2, C] and vb [kappa d^2, Cv], block after block, each d rows of d tokens.
+template <typename T>
+void gather_blocks(const T* kg, const T* vg, const int64_t* kept, const Layout& p, T* kb, T* vb) {
+  const int64_t d = p.d;
+  for (int64_t j = 0; j < p.topk; ++j) {
+    for (int64_t a = 0; a < d; ++a) {
+      const int64_t token = p.key_token(kept[j], a);
+      const int64_t slot = (j * d + a) * d;
+      std::memcpy(kb + slot * p.c, kg + token * p.c, sizeof(T) * d * p.c);
+      std::memcpy(vb + slot * p.cv, vg + token * p.cv, sizeof(T) * d * p.cv);
+    }
+  }
+}
+
+// The scores S [side^2, kappa d^2] of queries qb (pre-scaled) against keys kb. Dot: qb kb^T.
+// Euclid, with qb pre-scaled by 2 scale: scale (2 q.k - |k|^2) = qb kb^T - knorm, knorm =
+// scale |k|^2 per key; a key whose |k|^2 is infinite has its channels in kb zeroed, so that its
+// score is 0 - inf = -inf, as -|q - k|^2 is, instead of inf - inf = NaN (euclid_keys in
+// vectorised.py).
+template <typename T>
+void cell_scores(const T* qb, T* kb, T* knorm, const Layout& p, bool euclid, double scale, T* sb) {
+  const int64_t queries = p.queries(), n_keys = p.n_keys(), c = p.c;
+  if (euclid) {
+    for (int64_t j = 0; j < n_keys; ++j) {
+      T* kj = kb + j * c;
+      T norm = 0;
+#pragma omp simd reduction(+ : norm)
+      for (int64_t i = 0; i < c; ++i) norm += kj[i] * kj[i];
+      knorm[j] = static_cast<T>(scale) * norm;
+      if (std::isinf(norm)) std::fill(kj, kj + c, T(0));
+    }
+  }
+  gemm_abt(queries, n_keys, c, qb, kb, sb);
+  if (euclid) {
+    for (int64_t i = 0; i < queries; ++i) {
+      T* x = sb + i * n_keys;
+#pragma omp simd
+      for (int64_t j = 0; j < n_keys; ++j) x[j] -= knorm[j];
+    }
+  }
+}
+
+// Phase 2: out [G, Nq, Cv], and each query's log-sum-exp into lse (Layout::lse_offset) if not
+// null.
 template <typename T>
 void phase2(const T* q, const T* k, const T* v, const int64_t* keys, T* out, T* lse,
-            int64_t groups, int64_t c, int64_t cv, int64_t d, int64_t side, int64_t wq,
-            int64_t nq, int64_t wk, int64_t nk, int64_t cell_rows, int64_t cell_cols,
-            int64_t topk, bool euclid, double scale) {
-  const int64_t m = cell_rows * cell_cols;
-  const int64_t queries = side * side;
-  const int64_t n_keys = topk * d * d;
-  const int64_t kw = wk / d;  // low-res keys per row
+            const Layout& p, bool euclid, double scale) {
+  const int64_t m = p.cells(), queries = p.queries(), n_keys = p.n_keys();
+  const int64_t c = p.c, cv = p.cv;
   const T factor = static_cast<T>(euclid ? 2 * scale : scale);
-  at::parallel_for(0, groups * m, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.groups * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qb(queries * c), kb(n_keys * c), vb(n_keys * cv), sb(queries * n_keys),
         ob(queries * cv), top(queries), total(queries), knorm(euclid ? n_keys : 0);
     for (int64_t job = begin; job < end; ++job) {
       const int64_t g = job / m, cell = job % m;
-      const int64_t row = cell / cell_cols, col = cell % cell_cols;
-      const T* qg = q + g * nq * c;
-      const T* kg = k + g * nk * c;
-      const T* vg = v + g * nk * cv;
-      const int64_t* kept = keys + (g * m + cell) * topk;
-      for (int64_t a = 0; a < side; ++a) {  // queries: side rows of side tokens, scaled
-        const T* src = qg + ((row * side + a) * wq + col * side) * c;
-        T* dst = qb.data() + a * side * c;
-#pragma omp simd
-        for (int64_t i = 0; i < side * c; ++i) dst[i] = src[i] * factor;
-      }
-      for (int64_t j = 0; j < topk; ++j) {  // each kept block: d rows of d tokens
-        const int64_t kr = kept[j] / kw, kc = kept[j] % kw;
-        for (int64_t a = 0; a < d; ++a) {
-          const int64_t token = (kr * d + a) * wk + kc * d;
-          const int64_t slot = (j * d + a) * d;
-          std::memcpy(kb.data() + slot * c, kg + token * c, sizeof(T) * d * c);
-          std::memcpy(vb.data() + slot * cv, vg + token * cv, sizeof(T) * d * cv);
-        }
-      }
-      if (euclid) {  // scale (2 q.k - |k|^2), with q pre-scaled by 2 scale
-        for (int64_t j = 0; j < n_keys; ++j) {
-          T* kj = kb.data() + j * c;
-          T norm = 0;
-#pragma omp simd reduction(+ : norm)
-          for (int64_t i = 0; i < c; ++i) norm += kj[i] * kj[i];
-          knorm[j] = static_cast<T>(scale) * norm;
-          // An infinite |k|^2: zeroed channels make the score 0 - inf = -inf, as -|q - k|^2
-          // is, instead of inf - inf = NaN (euclid_keys in vectorised.py).
-          if (std::isinf(norm)) std::fill(kj, kj + c, T(0));
-        }
-      }
-      gemm_abt(queries, n_keys, c, qb.data(), kb.data(), sb.data());
-      if (euclid) {
-        for (int64_t i = 0; i < queries; ++i) {
-          T* x = sb.data() + i * n_keys;
-#pragma omp simd
-          for (int64_t j = 0; j < n_keys; ++j) x[j] -= knorm[j];
-        }
-      }
+      gather_cell(q + g * p.nq * c, p, cell, c, factor, qb.data());
+      gather_blocks(k + g * p.nk * c, v + g * p.nk * cv, keys + job * p.topk, p, kb.data(),
+                    vb.data());
+      cell_scores(qb.data(), kb.data(), knorm.data(), p, euclid, scale, sb.data());
       exp_rows(sb.data(), queries, n_keys, top.data(), total.data());
       if (lse != nullptr) {
-        T* cell_lse = lse + ((row * groups + g) * cell_cols + col) * queries;
+        T* cell_lse = lse + p.lse_offset(g, cell);
         for (int64_t i = 0; i < queries; ++i) cell_lse[i] = top[i] + std::log(total[i]);
       }
       // O = e V with e unnormalised; each row is divided by its sum on its way to the output.
       gemm_ab(queries, cv, n_keys, sb.data(), vb.data(), ob.data());
       for (int64_t i = 0; i < queries; ++i) {
-        const int64_t a = i / side, b = i % side;
-        T* dst = out + (g * nq + (row * side + a) * wq + col * side + b) * cv;
+        const int64_t a = i / p.side, b = i % p.side;
+        T* dst = out + (g * p.nq + p.query_token(cell, a) + b) * cv;
         const T* src = ob.data() + i * cv;
         const T inv = T(1) / total[i];
 #pragma omp simd
         for (int64_t j = 0; j < cv; ++j) dst[j] = src[j] * inv;
+      }
+    }
+  });
+}
+
+// dst[0..n) += src[0..n).
+template <typename T>
+inline void add_to(T* dst, const T* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// Phase 2's backward pass: dq [G, Nq, C], and dk [G, Nk, C], dv [G, Nk, Cv] zero-filled by the
+// caller. Per query cell, with its queries, kept blocks and output gradient dO in buffers:
+// P = exp(S - lse) recomputed from the forward's log-sum-exp, dV = P^T dO, dP = dO V^T,
+// dS = P (dP - rowsum(dO O)), dQ = factor dS K, dK = dS^T q_s (euclid: - 2 scale k colsum(dS)
+// too, from the -scale |k|^2 term), each by one BLAS call.
+//
+// dK and dV are sums over every cell that keeps a block. The cells are cut into one contiguous
+// range per worker (a job of the parallel loop; as many as threads): worker 0 adds its cells'
+// shares straight into dk and dv, each other worker into tiles of its own (a d x d block of
+// keys and values each) for just the blocks its cells keep, and a last parallel loop over the
+// blocks adds those tiles in worker order. No two threads write the same memory, and the sums
+// come out the same on every run with the same number of threads.
+template <typename T>
+void phase2_backward(const T* q, const T* k, const T* v, const int64_t* keys, const T* out,
+                     const T* lse, const T* dout, T* dq, T* dk, T* dv, const Layout& p,
+                     bool euclid, double scale) {
+  const int64_t m = p.cells(), jobs = p.groups * m, queries = p.queries(), n_keys = p.n_keys();
+  const int64_t c = p.c, cv = p.cv, d = p.d, nk_low = p.low_res_keys();
+  const int64_t blocks = p.groups * nk_low, tile = d * d * (c + cv);
+  const T factor = static_cast<T>(euclid ? 2 * scale : scale);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), jobs));
+  // slots[w][block]: where worker w's tile of a block lies in tiles[w] (-1: none), w >= 1.
+  std::vector<std::vector<int64_t>> slots(workers);
+  std::vector<std::vector<T>> tiles(workers);
+  at::parallel_for(0, workers, 1, [&](int64_t w_begin, int64_t w_end) {
+    std::vector<T> qb(queries * c), kb(n_keys * c), vb(n_keys * cv), dob(queries * cv),
+        sb(queries * n_keys), dsb(queries * n_keys), dqb(queries * c), dkb(n_keys * c),
+        dvb(n_keys * cv), ob(queries * cv), delta(queries), knorm(euclid ? n_keys : 0),
+        colsum(n_keys);
+    for (int64_t w = w_begin; w < w_end; ++w) {
+      const int64_t first = jobs * w / workers, last = jobs * (w + 1) / workers;
+      if (w > 0) {
+        std::vector<int64_t>& slot = slots[w];
+        slot.assign(blocks, -1);
+        int64_t used = 0;
+        for (int64_t job = first; job < last; ++job) {
+          const int64_t g = job / m;
+          for (int64_t j = 0; j < p.topk; ++j) {
+            int64_t& s = slot[g * nk_low + keys[job * p.topk + j]];
+            if (s < 0) s = used++;
+          }
+        }
+        tiles[w].assign(used * tile, T(0));
+      }
+      for (int64_t job = first; job < last; ++job) {
+        const int64_t g = job / m, cell = job % m;
+        const int64_t* kept = keys + job * p.topk;
+        gather_cell(q + g * p.nq * c, p, cell, c, factor, qb.data());
+        gather_blocks(k + g * p.nk * c, v + g * p.nk * cv, kept, p, kb.data(), vb.data());
+        gather_cell(dout + g * p.nq * cv, p, cell, cv, T(1), dob.data());
+        gather_cell(out + g * p.nq * cv, p, cell, cv, T(1), ob.data());
+        for (int64_t i = 0; i < queries; ++i) {
+          const T* o = ob.data() + i * cv;
+          const T* g_o = dob.data() + i * cv;
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < cv; ++j) sum += o[j] * g_o[j];
+          delta[i] = sum;
+        }
+        cell_scores(qb.data(), kb.data(), knorm.data(), p, euclid, scale, sb.data());
+        const T* cell_lse = lse + p.lse_offset(g, cell);
+        for (int64_t i = 0; i < queries; ++i) {
+          T* x = sb.data() + i * n_keys;
+          const T top = cell_lse[i];
+#pragma omp simd
+          for (int64_t j = 0; j < n_keys; ++j) x[j] = exp_nonpositive(x[j] - top);
+        }
+        gemm_atb(n_keys, cv, queries, sb.data(), dob.data(), dvb.data());
+        gemm_abt(queries, n_keys, cv, dob.data(), vb.data(), dsb.data());
+        for (int64_t i = 0; i < queries; ++i) {
+          T* ds = dsb.data() + i * n_keys;
+          const T* pr = sb.data() + i * n_keys;
+          const T di = delta[i];
+#pragma omp simd
+          for (int64_t j = 0; j < n_keys; ++j) ds[j] = pr[j] * (ds[j] - di);
+        }
+        gemm_ab(queries, c, n_keys, dsb.data(), kb.data(), dqb.data());
+        for (int64_t a = 0; a < p.side; ++a) {
+          T* dst = dq + (g * p.nq + p.query_token(cell, a)) * c;
+          const T* src = dqb.data() + a * p.side * c;
+#pragma omp simd
+          for (int64_t i = 0; i < p.side * c; ++i) dst[i] = src[i] * factor;
+        }
+        gemm_atb(n_keys, c, queries, dsb.data(), qb.data(), dkb.data());
+        if (euclid) {
+          std::fill(colsum.begin(), colsum.end(), T(0));
+          for (int64_t i = 0; i < queries; ++i) add_to(colsum.data(), dsb.data() + i * n_keys,
+                                                        n_keys);
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const T w_j = static_cast<T>(2 * scale) * colsum[j];
+            T* dkj = dkb.data() + j * c;
+            const T* kj = kb.data() + j * c;
+#pragma omp simd
+            for (int64_t i = 0; i < c; ++i) dkj[i] -= w_j * kj[i];
+          }
+        }
+        for (int64_t j = 0; j < p.topk; ++j) {
+          T* own = w > 0 ? tiles[w].data() + slots[w][g * nk_low + kept[j]] * tile : nullptr;
+          for (int64_t a = 0; a < d; ++a) {
+            const int64_t slot = (j * d + a) * d;
+            const int64_t token = g * p.nk + p.key_token(kept[j], a);
+            T* to_k = own != nullptr ? own + a * d * c : dk + token * c;
+            T* to_v = own != nullptr ? own + d * d * c + a * d * cv : dv + token * cv;
+            add_to(to_k, dkb.data() + slot * c, d * c);
+            add_to(to_v, dvb.data() + slot * cv, d * cv);
+          }
+        }
+      }
+    }
+  });
+  if (workers == 1) return;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t g = block / nk_low, low = block % nk_low;
+      for (int64_t w = 1; w < workers; ++w) {
+        const int64_t s = slots[w][block];
+        if (s < 0) continue;
+        const T* own = tiles[w].data() + s * tile;
+        for (int64_t a = 0; a < d; ++a) {
+          const int64_t token = g * p.nk + p.key_token(low, a);
+          add_to(dk + token * c, own + a * d * c, d * c);
+          add_to(dv + token * cv, own + d * d * c + a * d * cv, d * cv);
+        }
       }
     }
   });
@@ -350,34 +534,64 @@ std::vector<torch::Tensor> select_keys(torch::Tensor q_cells, torch::Tensor k_lo
   return {keys, kept};
 }
 
+// Phase 2's layout from its tensors; checks the key indices.
+Layout layout(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+              const torch::Tensor& keys, int64_t d, int64_t side, int64_t wq, int64_t wk) {
+  check_inputs({q, k, v, keys});
+  TORCH_CHECK(keys.scalar_type() == torch::kLong, "gpa.cpp: keys must be int64");
+  const int64_t nq = q.size(1), nk = k.size(1);
+  const Layout p{q.size(0), q.size(2), v.size(2), d, side, wq, nq, wk, nk,
+                 nq / wq / side, wq / side, keys.size(2)};
+  TORCH_CHECK(keys.numel() == 0 || (keys.min().item<int64_t>() >= 0 &&
+                                    keys.max().item<int64_t>() < p.low_res_keys()),
+              "gpa.cpp: keys must index the ", p.low_res_keys(), " low-res keys");
+  return p;
+}
+
 // Phase 2: out [G, Nq, Cv] and, if with_lse, each query's log-sum-exp as
 // [cell_rows, G * cell_cols * side^2, 1] (else an empty tensor).
 std::vector<torch::Tensor> attend(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                   torch::Tensor keys, int64_t d, int64_t side, int64_t wq,
                                   int64_t wk, bool euclid, double scale, bool with_lse) {
-  check_inputs({q, k, v, keys});
-  TORCH_CHECK(keys.scalar_type() == torch::kLong, "gpa.cpp: keys must be int64");
-  const int64_t groups = q.size(0), nq = q.size(1), c = q.size(2);
-  const int64_t nk = k.size(1), cv = v.size(2), topk = keys.size(2);
-  const int64_t cell_cols = wq / side, cell_rows = nq / wq / side;
-  const int64_t nk_low = (nk / wk / d) * (wk / d);
-  TORCH_CHECK(keys.numel() == 0 || (keys.min().item<int64_t>() >= 0 &&
-                                    keys.max().item<int64_t>() < nk_low),
-              "gpa.cpp: keys must index the ", nk_low, " low-res keys");
-  auto out = torch::empty({groups, nq, cv}, q.options());
+  const Layout p = layout(q, k, v, keys, d, side, wq, wk);
+  auto out = torch::empty({p.groups, p.nq, p.cv}, q.options());
   advise_huge_pages(out);
-  auto lse = torch::empty({with_lse ? cell_rows : 0, groups * cell_cols * side * side, 1},
+  auto lse = torch::empty({with_lse ? p.cell_rows : 0, p.groups * p.cell_cols * p.queries(), 1},
                           q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gpa_cpu_attend", [&] {
     phase2<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                      keys.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                     with_lse ? lse.data_ptr<scalar_t>() : nullptr, groups, c, cv, d, side, wq,
-                     nq, wk, nk, cell_rows, cell_cols, topk, euclid, scale);
+                     with_lse ? lse.data_ptr<scalar_t>() : nullptr, p, euclid, scale);
   });
   return {out, lse};
+}
+
+// Phase 2's gradients {dq, dk, dv} from the forward's inputs, output and log-sum-exp (attend
+// with with_lse) and the output's gradient grad_out [G, Nq, Cv].
+std::vector<torch::Tensor> attend_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                           torch::Tensor keys, torch::Tensor out,
+                                           torch::Tensor lse, torch::Tensor grad_out, int64_t d,
+                                           int64_t side, int64_t wq, int64_t wk, bool euclid,
+                                           double scale) {
+  const Layout p = layout(q, k, v, keys, d, side, wq, wk);
+  check_inputs({out, lse, grad_out});
+  TORCH_CHECK(lse.numel() == p.groups * p.nq, "gpa.cpp: lse must hold one value per query");
+  auto dq = torch::empty_like(q);
+  auto dk = torch::zeros_like(k);
+  auto dv = torch::zeros_like(v);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gpa_cpu_attend_backward", [&] {
+    phase2_backward<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                              v.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(),
+                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                              grad_out.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), p, euclid,
+                              scale);
+  });
+  return {dq, dk, dv};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_keys", &select_keys, "GPA phase 1: the top-kappa low-res keys of each cell");
   m.def("attend", &attend, "GPA phase 2, fused per query cell");
+  m.def("attend_backward", &attend_backward, "GPA phase 2's gradients, fused per query cell");
 }

@@ -314,65 +314,73 @@ def phase2_forward(
     return out, lse
 
 
+def phase2_backward(q, k, v, keys, out, lse, grad_out, geom: Geometry, affinity: str, scale: float):
+    """Phase 2's gradients (dq, dk, dv), band by band, gathering keys and values again.
+
+    Per band, with P = exp(S - lse) recomputed: dV = P^T dO, dS = P (dO V^T - rowsum(dO O)),
+    dQ = factor dS K, dK = dS^T q_s (and, for euclid, - 2 scale k colsum(dS) from the
+    -scale |k|² term); dK and dV are added to their segments with ``index_add_``.
+    """
+    p = Phase2(q, k, v, keys, geom, affinity, scale)
+    g, d, c, cv, side = p.g, p.d, p.c, p.cv, p.side
+    k_used, k_norm_seg = p.keys(k)
+    k_seg = k_used.reshape(g * p.n_segments, d * c)
+    v_seg = v.reshape(g * p.n_segments, d * cv)
+    q_rows, out_rows, grad_rows = p.by_rows(q), p.by_rows(out), p.by_rows(grad_out)
+    grad_q = torch.empty_like(q)
+    grad_q_rows = p.by_rows(grad_q)
+    grad_k_seg = torch.zeros_like(k_seg)
+    grad_v_seg = torch.zeros_like(v_seg)
+    q_buf = q.new_empty(p.max_cells * side * side * c)
+    k_buf = q.new_empty(p.max_cells * p.n_keys * c)
+    v_buf = q.new_empty(p.max_cells * p.n_keys * cv)
+    do_buf = q.new_empty(p.max_cells, side, side, cv)
+    for r0, r1, cells, index in p.bands():
+        q_cells = p.queries(q_rows, r0, r1, cells, q_buf)
+        k_cells = p.gather(k_seg, index, k_buf)
+        v_cells = p.gather(v_seg, index, v_buf)
+        probs = p.scores(q_cells, k_cells, k_norm_seg, index, None)
+        probs.sub_(lse[r0:r1].view(cells, side * side, 1)).exp_()
+        do_cells = do_buf[:cells].view(r1 - r0, g, p.cols, side, side, cv)
+        do_cells.copy_(grad_rows[r0:r1])
+        do_cells = do_cells.view(cells, side * side, cv)
+        delta = (do_cells * out_rows[r0:r1].reshape(cells, side * side, cv)).sum(-1)
+        grad_v_seg.index_add_(0, index, torch.bmm(probs.transpose(1, 2), do_cells).view(-1, d * cv))
+        grad_s = torch.bmm(do_cells, v_cells.transpose(1, 2))
+        grad_s.sub_(delta.unsqueeze(-1)).mul_(probs)
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q_cells)
+        if p.affinity == "euclid":
+            grad_k.sub_(k_cells * (2 * p.scale * grad_s.sum(1)).unsqueeze(-1))
+        grad_k_seg.index_add_(0, index, grad_k.view(-1, d * c))
+        grad_q_cells = torch.bmm(grad_s, k_cells).mul_(p.factor)
+        grad_q_rows[r0:r1] = grad_q_cells.view(r1 - r0, g, p.cols, side, side, c)
+    return grad_q, grad_k_seg.view_as(k), grad_v_seg.view_as(v)
+
+
 class GridAttention(torch.autograd.Function):
-    """Phase 2 with a backward pass that gathers keys and values again, band by band.
+    """Phase 2 as an autograd function whose backward pass recomputes what it needs.
 
     Saves only the inputs, the output, the selected keys and each query's log-sum-exp, so
     forward+backward memory stays bounded like the forward (autograd through the bands would
-    keep every band's gathered copies). Backward, per band, with P = exp(S - lse) recomputed:
-    dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = factor dS K, dK = dS^T q_s (and, for
-    euclid, - 2 scale k colsum(dS) from the -scale |k|² term); dK and dV are added to their
-    segments with ``index_add_``. The forward pass is ``phase2``: :func:`phase2_forward`, or
-    another with its signature and results (``gpa.cpp``'s kernel).
+    keep every band's gathered copies). The forward pass is ``phase2`` (:func:`phase2_forward`,
+    or another with its signature and results: ``gpa.cpp``'s kernel), the backward pass
+    ``phase2_grad`` (:func:`phase2_backward`, or ``gpa.cpp``'s).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, keys, geom, affinity, scale, phase2):
+    def forward(ctx, q, k, v, keys, geom, affinity, scale, phase2, phase2_grad):
         out, lse = phase2(q, k, v, keys, geom, affinity, scale, with_lse=True)
         ctx.save_for_backward(q, k, v, keys, out, lse)
-        ctx.geom, ctx.affinity, ctx.scale = geom, affinity, scale
+        ctx.geom, ctx.affinity, ctx.scale, ctx.phase2_grad = geom, affinity, scale, phase2_grad
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, keys, out, lse = ctx.saved_tensors
-        p = Phase2(q, k, v, keys, ctx.geom, ctx.affinity, ctx.scale)
-        g, d, c, cv, side, n_keys = p.g, p.d, p.c, p.cv, p.side, p.n_keys
-        k_used, k_norm_seg = p.keys(k)
-        k_seg = k_used.reshape(g * p.n_segments, d * c)
-        v_seg = v.reshape(g * p.n_segments, d * cv)
-        q_rows, out_rows, grad_rows = p.by_rows(q), p.by_rows(out), p.by_rows(grad_out)
-        grad_q = torch.empty_like(q)
-        grad_q_rows = p.by_rows(grad_q)
-        grad_k_seg = torch.zeros_like(k_seg)
-        grad_v_seg = torch.zeros_like(v_seg)
-        q_buf = q.new_empty(p.max_cells * side * side * c)
-        k_buf = q.new_empty(p.max_cells * n_keys * c)
-        v_buf = q.new_empty(p.max_cells * n_keys * cv)
-        do_buf = q.new_empty(p.max_cells, side, side, cv)
-        for r0, r1, cells, index in p.bands():
-            q_cells = p.queries(q_rows, r0, r1, cells, q_buf)
-            k_cells = p.gather(k_seg, index, k_buf)
-            v_cells = p.gather(v_seg, index, v_buf)
-            probs = p.scores(q_cells, k_cells, k_norm_seg, index, None)
-            probs.sub_(lse[r0:r1].view(cells, side * side, 1)).exp_()
-            do_cells = do_buf[:cells].view(r1 - r0, g, p.cols, side, side, cv)
-            do_cells.copy_(grad_rows[r0:r1])
-            do_cells = do_cells.view(cells, side * side, cv)
-            delta = (do_cells * out_rows[r0:r1].reshape(cells, side * side, cv)).sum(-1)
-            grad_v_seg.index_add_(
-                0, index, torch.bmm(probs.transpose(1, 2), do_cells).view(-1, d * cv)
-            )
-            grad_s = torch.bmm(do_cells, v_cells.transpose(1, 2))
-            grad_s.sub_(delta.unsqueeze(-1)).mul_(probs)
-            grad_k = torch.bmm(grad_s.transpose(1, 2), q_cells)
-            if p.affinity == "euclid":
-                grad_k.sub_(k_cells * (2 * p.scale * grad_s.sum(1)).unsqueeze(-1))
-            grad_k_seg.index_add_(0, index, grad_k.view(-1, d * c))
-            grad_q_cells = torch.bmm(grad_s, k_cells).mul_(p.factor)
-            grad_q_rows[r0:r1] = grad_q_cells.view(r1 - r0, g, p.cols, side, side, c)
-        return grad_q, grad_k_seg.view_as(k), grad_v_seg.view_as(v), None, None, None, None, None
+        geom, affinity, scale = ctx.geom, ctx.affinity, ctx.scale
+        grads = ctx.phase2_grad(q, k, v, keys, out, lse, grad_out, geom, affinity, scale)
+        return *grads, None, None, None, None, None, None
 
 
 def grid_attention(
@@ -384,6 +392,7 @@ def grid_attention(
     affinity: str = "dot",
     scale: float | None = None,
     phase2=phase2_forward,
+    phase2_grad=phase2_backward,
 ) -> torch.Tensor:
     """Phase 2: each cell's queries attend exactly to the d x d blocks of its kept keys.
 
@@ -394,6 +403,8 @@ def grid_attention(
         keys: [B, H, m, κ] low-res keys per cell, from :func:`select_keys`.
         phase2: the forward pass, (q, k, v, keys, geom, affinity, scale, with_lse) ->
             (output, log-sum-exp or None); :func:`phase2_forward` by default.
+        phase2_grad: its backward pass, (q, k, v, keys, out, lse, grad_out, geom, affinity,
+            scale) -> (dq, dk, dv); :func:`phase2_backward` by default.
 
     Returns:
         [B, H, Nq, Cv].
@@ -401,7 +412,7 @@ def grid_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if track:
-        return GridAttention.apply(q, k, v, keys, geom, affinity, scale, phase2)
+        return GridAttention.apply(q, k, v, keys, geom, affinity, scale, phase2, phase2_grad)
     return phase2(q, k, v, keys, geom, affinity, scale, with_lse=False)[0]
 
 
