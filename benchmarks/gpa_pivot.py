@@ -1,4 +1,4 @@
-"""GPA against exact attention at the paper's pivot: one 256 x 256 map, C = 160, forward.
+"""GPA against exact attention at the paper's pivot: one 256 x 256 map, C = 160.
 
 Usage:
     .venv/bin/python benchmarks/gpa_pivot.py [--size 256] [--channels 160] [--json FILE]
@@ -8,12 +8,17 @@ q = k = v = [1, 1, size², C]; GPA at the DeepFashion pivot (phase 1 at 64 x 64,
 implementation: median forward time (and IQR), first call, speed-up over full.sdpa, useful
 GFLOP/s and its fraction of this machine's dense fp32 2048³ matmul rate, and peak memory above
 the inputs against the output's bytes. For gpa.torch and gpa.cpp, phase 1 (key selection) and
-phase 2 (attention over the selected blocks) are also timed apart.
+phase 2 (attention over the selected blocks) are also timed apart. Then forward+backward (the
+gradients of q, k and v for a fixed output gradient) of full.sdpa, gpa.torch and gpa.cpp, with
+useful FLOPs counted as the registry counts them (phase 1 once, phase 2 three times: no
+recomputation counted).
 
 This machine may be shared, and its speed then drifts within seconds. So the GPA backends are
-also timed in interleaved rounds — the 2048³ matmul, then each backend once, round after round —
-and each round's fraction of the matmul rate is taken against that round's matmul: the median
-of those fractions is steadier than a ratio of medians measured at different moments.
+also timed in interleaved rounds — the 2048³ matmul, then each backend once (forward, then
+forward+backward), round after round — and each round's fraction of the matmul rate is taken
+against that round's matmul: the median of those fractions is steadier than a ratio of medians
+measured at different moments. gpa.cpp's forward+backward over its forward is taken per round
+too.
 """
 
 from __future__ import annotations
@@ -32,7 +37,20 @@ from attnbench.spec import AttentionSpec
 
 IMPLS = ["full.sdpa", "gpa.torch", "gpa.cpp", "gpa.flex", "gpa.reference"]
 INTERLEAVED = ["gpa.torch", "gpa.cpp", "gpa.flex"]
+FWDBWD = ["full.sdpa", "gpa.torch", "gpa.cpp"]
 MATMUL_SIZE = 2048
+
+
+def forward_backward(impl, q, k, v, hw) -> Callable[[], object]:
+    """A call of ``impl``'s forward and backward: the gradients of q, k and v."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(q.shape[:-1] + v.shape[-1:], generator=torch.Generator().manual_seed(1))
+
+    def fn():
+        out = impl(*leaves, q_hw=hw, kv_hw=hw)
+        return torch.autograd.grad(out, leaves, grad)
+
+    return fn
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -117,10 +135,46 @@ def main() -> None:
         }
         phase1, phase2 = gpa.phase_flops(spec)
 
-        a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-        timed = {"matmul": lambda: a @ b}
-        timed.update({name: calls[name][2] for name in INTERLEAVED if name in calls})
-        times = interleaved_rounds(timed, args.rounds)
+    bwd_rows, bwd_calls = [], {}
+    for name in FWDBWD:
+        impl = registry.create(name)
+        label = impl.label_for(spec)
+        grad_spec = AttentionSpec.from_inputs(*(t.requires_grad_() for t in (q, k, v)), hw, hw)
+        reasons = impl.unsupported_reasons(grad_spec)
+        for t in (q, k, v):
+            t.requires_grad_(False)
+        if reasons:
+            bwd_rows.append({"impl": label, "status": "unsupported", "reason": "; ".join(reasons)})
+            continue
+        fn = forward_backward(impl, q, k, v, hw)
+        flops = impl.flops(spec, backward=True)
+        bwd_calls[name] = (label, flops, fn)
+        t = measure.time_call(fn, min_run_time=0.1 if name == "full.sdpa" else args.min_run_time)
+        mem = measure.peak_memory(fn)
+        bwd_rows.append(
+            {
+                "impl": label,
+                "status": "ok",
+                "time_ms": t.median_ms,
+                "iqr_ms": t.iqr_ms,
+                "first_ms": t.first_ms,
+                "runs": t.runs,
+                "gflop": flops / 1e9,
+                "gflops": flops / t.median_ms / 1e6,
+                "peak_fraction": flops / t.median_ms / 1e6 / peak,
+                "mem_bytes": mem,
+                "mem_over_output": mem / spec.output_bytes,
+            }
+        )
+
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    timed = {"matmul": lambda: a @ b}
+    for name in INTERLEAVED:
+        if name in calls:
+            timed[name] = lambda fn=calls[name][2]: torch.no_grad()(fn)()
+        if name in bwd_calls and name != "full.sdpa":
+            timed[name + " fwd+bwd"] = bwd_calls[name][2]
+    times = interleaved_rounds(timed, args.rounds)
 
     sdpa_ms = rows[0].get("time_ms")
     print(
@@ -151,6 +205,18 @@ def main() -> None:
             f"phase 2 {t2.median_ms:.1f} ms "
             f"({phases[name]['phase2_gflops']:.0f} GFLOP/s, {phase2 / 1e9:.2f} GFLOP)"
         )
+    sdpa_bwd_ms = bwd_rows[0].get("time_ms")
+    print("\nforward+backward")
+    for r in bwd_rows:
+        if r["status"] != "ok":
+            print(f"{r['impl']:28} {r['status']}: {r['reason']}")
+            continue
+        r["speedup_vs_sdpa"] = sdpa_bwd_ms / r["time_ms"] if sdpa_bwd_ms else None
+        print(
+            f"{r['impl']:28} {r['time_ms']:10.1f} {r['iqr_ms']:6.1f} {r['first_ms']:8.0f} "
+            f"{r['speedup_vs_sdpa']:8.1f}x {r['gflops']:8.0f} {r['peak_fraction']:8.0%} "
+            f"{r['mem_bytes'] / 2**20:8.1f} {r['mem_over_output']:6.2f}"
+        )
     matmul_flops = 2 * MATMUL_SIZE**3
     interleaved = {
         "rounds": args.rounds,
@@ -160,20 +226,29 @@ def main() -> None:
         f"\ninterleaved, {args.rounds} rounds (matmul, then each backend once): "
         f"matmul {interleaved['matmul_gflops_median']:.0f} GFLOP/s"
     )
-    for name in INTERLEAVED:
-        if name not in times:
+    for key in times:
+        if key == "matmul":
             continue
-        label, flops, _ = calls[name]
+        name, _, direction = key.partition(" ")
+        label, flops, _ = (bwd_calls if direction else calls)[name]
         fractions = [
-            (flops / t) / (matmul_flops / t_mm) for t, t_mm in zip(times[name], times["matmul"])
+            (flops / t) / (matmul_flops / t_mm) for t, t_mm in zip(times[key], times["matmul"])
         ]
-        interleaved[label] = {
-            "median_ms": statistics.median(times[name]) * 1e3,
+        entry = {
+            "median_ms": statistics.median(times[key]) * 1e3,
             "peak_fraction_median": statistics.median(fractions),
         }
+        interleaved[f"{label} {direction}".strip()] = entry
         print(
-            f"{label:28} median {interleaved[label]['median_ms']:6.1f} ms, "
-            f"{interleaved[label]['peak_fraction_median']:.0%} of the same round's matmul rate"
+            f"{label + ' ' + direction:40} median {entry['median_ms']:7.1f} ms, "
+            f"{entry['peak_fraction_median']:.0%} of the same round's matmul rate"
+        )
+    if "gpa.cpp fwd+bwd" in times:
+        ratios = [b / f for b, f in zip(times["gpa.cpp fwd+bwd"], times["gpa.cpp"])]
+        interleaved["gpa.cpp fwd+bwd over fwd median"] = statistics.median(ratios)
+        print(
+            "gpa.cpp forward+backward / forward, per round: median "
+            f"{interleaved['gpa.cpp fwd+bwd over fwd median']:.2f}"
         )
     if args.json:
         context = {
@@ -187,7 +262,13 @@ def main() -> None:
         }
         with open(args.json, "w") as f:
             json.dump(
-                {"context": context, "rows": rows, "phases": phases, "interleaved": interleaved},
+                {
+                    "context": context,
+                    "rows": rows,
+                    "fwdbwd_rows": bwd_rows,
+                    "phases": phases,
+                    "interleaved": interleaved,
+                },
                 f,
                 indent=2,
             )
