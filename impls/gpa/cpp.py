@@ -146,43 +146,31 @@ def select_keys(
     return keys, kept.reshape(b, h, geom.m, geom.topk)
 
 
+def groups(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[B, H, N, X] tensors as contiguous [B*H, N, X], the kernel's layout."""
+    return [t.reshape(-1, *t.shape[2:]).contiguous() for t in tensors]
+
+
+def kernel_geometry(geom: Geometry, affinity: str, scale: float) -> tuple:
+    """The kernel's phase-2 geometry arguments: d, cell side, map widths, euclid, scale."""
+    return geom.d, geom.cell_side, geom.q_hw[1], geom.kv_hw[1], affinity == "euclid", scale
+
+
 def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse: bool = False):
     """Phase 2 in the kernel: the output [B, H, Nq, Cv] and the log-sum-exp (or empty)."""
-    b, h, nq, c = q.shape
     out, lse = kernel().attend(
-        q.reshape(b * h, nq, c).contiguous(),
-        k.reshape(b * h, k.shape[2], c).contiguous(),
-        v.reshape(b * h, v.shape[2], v.shape[3]).contiguous(),
-        keys.reshape(b * h, geom.m, geom.topk).contiguous(),
-        geom.d,
-        geom.cell_side,
-        geom.q_hw[1],
-        geom.kv_hw[1],
-        affinity == "euclid",
-        scale,
-        with_lse,
+        *groups(q, k, v, keys), *kernel_geometry(geom, affinity, scale), with_lse
     )
-    return out.reshape(b, h, nq, v.shape[3]), lse
+    return out.reshape(*q.shape[:3], v.shape[3]), lse
 
 
 def attend_backward(q, k, v, keys, out, lse, grad_out, geom: Geometry, affinity: str, scale):
     """Phase 2's gradients (dq, dk, dv) in the kernel, from :func:`attend`'s output and lse."""
-    b, h, nq, c = q.shape
-    nk, cv = k.shape[2], v.shape[3]
     dq, dk, dv = kernel().attend_backward(
-        q.reshape(b * h, nq, c).contiguous(),
-        k.reshape(b * h, nk, c).contiguous(),
-        v.reshape(b * h, nk, cv).contiguous(),
-        keys.reshape(b * h, geom.m, geom.topk).contiguous(),
-        out.reshape(b * h, nq, cv).contiguous(),
+        *groups(q, k, v, keys, out),
         lse.contiguous(),
-        grad_out.reshape(b * h, nq, cv).contiguous(),
-        geom.d,
-        geom.cell_side,
-        geom.q_hw[1],
-        geom.kv_hw[1],
-        affinity == "euclid",
-        scale,
+        *groups(grad_out),
+        *kernel_geometry(geom, affinity, scale),
     )
     return dq.view_as(q), dk.view_as(k), dv.view_as(v)
 
