@@ -64,6 +64,40 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int) -> dic
     return times
 
 
+def measured_row(label: str, fn, flops: int, spec, peak: float, min_run_time: float) -> dict:
+    """Time and peak memory of ``fn`` as a result row; ``flops`` its useful FLOPs."""
+    t = measure.time_call(fn, min_run_time=min_run_time)
+    mem = measure.peak_memory(fn)
+    return {
+        "impl": label,
+        "status": "ok",
+        "time_ms": t.median_ms,
+        "iqr_ms": t.iqr_ms,
+        "first_ms": t.first_ms,
+        "runs": t.runs,
+        "gflop": flops / 1e9,
+        "gflops": flops / t.median_ms / 1e6,
+        "peak_fraction": flops / t.median_ms / 1e6 / peak,
+        "mem_bytes": mem,
+        "mem_over_output": mem / spec.output_bytes,
+    }
+
+
+def print_rows(rows: list[dict]) -> None:
+    """Print the rows, adding each one's speed-up over the first (full.sdpa)."""
+    sdpa_ms = rows[0].get("time_ms")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['impl']:28} {r['status']}: {r['reason']}")
+            continue
+        r["speedup_vs_sdpa"] = sdpa_ms / r["time_ms"] if sdpa_ms else None
+        print(
+            f"{r['impl']:28} {r['time_ms']:10.1f} {r['iqr_ms']:6.1f} {r['first_ms']:8.0f} "
+            f"{r['speedup_vs_sdpa']:8.1f}x {r['gflops']:8.0f} {r['peak_fraction']:8.0%} "
+            f"{r['mem_bytes'] / 2**20:8.1f} {r['mem_over_output']:6.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="map side (default 256)")
@@ -96,23 +130,7 @@ def main() -> None:
             fn = lambda impl=impl: impl(q, k, v, q_hw=hw, kv_hw=hw)  # noqa: E731
             calls[name] = (label, impl.flops(spec), fn)
             run_time = 0.1 if name == "full.sdpa" else args.min_run_time
-            t = measure.time_call(fn, min_run_time=run_time)
-            mem = measure.peak_memory(fn)
-            flops = impl.flops(spec)
-            rows.append(
-                {
-                    "impl": label,
-                    "status": "ok",
-                    "time_ms": t.median_ms,
-                    "iqr_ms": t.iqr_ms,
-                    "first_ms": t.first_ms,
-                    "runs": t.runs,
-                    "gflops": flops / t.median_ms / 1e6,
-                    "peak_fraction": flops / t.median_ms / 1e6 / peak,
-                    "mem_bytes": mem,
-                    "mem_over_output": mem / spec.output_bytes,
-                }
-            )
+            rows.append(measured_row(label, fn, impl.flops(spec), spec, peak, run_time))
 
         gpa = registry.create("gpa.torch")
         geom = gpa.geometry(spec)
@@ -149,23 +167,8 @@ def main() -> None:
         fn = forward_backward(impl, q, k, v, hw)
         flops = impl.flops(spec, backward=True)
         bwd_calls[name] = (label, flops, fn)
-        t = measure.time_call(fn, min_run_time=0.1 if name == "full.sdpa" else args.min_run_time)
-        mem = measure.peak_memory(fn)
-        bwd_rows.append(
-            {
-                "impl": label,
-                "status": "ok",
-                "time_ms": t.median_ms,
-                "iqr_ms": t.iqr_ms,
-                "first_ms": t.first_ms,
-                "runs": t.runs,
-                "gflop": flops / 1e9,
-                "gflops": flops / t.median_ms / 1e6,
-                "peak_fraction": flops / t.median_ms / 1e6 / peak,
-                "mem_bytes": mem,
-                "mem_over_output": mem / spec.output_bytes,
-            }
-        )
+        run_time = 0.1 if name == "full.sdpa" else args.min_run_time
+        bwd_rows.append(measured_row(label, fn, flops, spec, peak, run_time))
 
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
     timed = {"matmul": lambda: a @ b}
@@ -176,21 +179,11 @@ def main() -> None:
             timed[name + " fwd+bwd"] = bwd_calls[name][2]
     times = interleaved_rounds(timed, args.rounds)
 
-    sdpa_ms = rows[0].get("time_ms")
     print(
         f"{'implementation':28} {'median ms':>10} {'IQR':>6} {'first':>8} {'speed-up':>9} "
         f"{'GFLOP/s':>8} {'of peak':>8} {'mem MiB':>8} {'x out':>6}"
     )
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['impl']:28} {r['status']}: {r['reason']}")
-            continue
-        r["speedup_vs_sdpa"] = sdpa_ms / r["time_ms"] if sdpa_ms else None
-        print(
-            f"{r['impl']:28} {r['time_ms']:10.1f} {r['iqr_ms']:6.1f} {r['first_ms']:8.0f} "
-            f"{r['speedup_vs_sdpa']:8.1f}x {r['gflops']:8.0f} {r['peak_fraction']:8.0%} "
-            f"{r['mem_bytes'] / 2**20:8.1f} {r['mem_over_output']:6.2f}"
-        )
+    print_rows(rows)
     phases = {}
     for name, (t1, t2) in phase_times.items():
         phases[name] = {
@@ -205,18 +198,8 @@ def main() -> None:
             f"phase 2 {t2.median_ms:.1f} ms "
             f"({phases[name]['phase2_gflops']:.0f} GFLOP/s, {phase2 / 1e9:.2f} GFLOP)"
         )
-    sdpa_bwd_ms = bwd_rows[0].get("time_ms")
     print("\nforward+backward")
-    for r in bwd_rows:
-        if r["status"] != "ok":
-            print(f"{r['impl']:28} {r['status']}: {r['reason']}")
-            continue
-        r["speedup_vs_sdpa"] = sdpa_bwd_ms / r["time_ms"] if sdpa_bwd_ms else None
-        print(
-            f"{r['impl']:28} {r['time_ms']:10.1f} {r['iqr_ms']:6.1f} {r['first_ms']:8.0f} "
-            f"{r['speedup_vs_sdpa']:8.1f}x {r['gflops']:8.0f} {r['peak_fraction']:8.0%} "
-            f"{r['mem_bytes'] / 2**20:8.1f} {r['mem_over_output']:6.2f}"
-        )
+    print_rows(bwd_rows)
     matmul_flops = 2 * MATMUL_SIZE**3
     interleaved = {
         "rounds": args.rounds,
