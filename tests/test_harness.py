@@ -314,6 +314,46 @@ def test_warp_copy_reports_copy_psnr(tmp_path):
     assert sdpa["copy_psnr"] > none["copy_psnr"] + 5, (sdpa["copy_psnr"], none["copy_psnr"])
 
 
+def test_exact_reference_is_shared_by_equal_inputs_and_equals_a_fresh_computation(monkeypatch):
+    monkeypatch.setattr(runner, "REFERENCES_KEPT", 2)
+    monkeypatch.setattr(runner, "_references", type(runner._references)())
+    spec = AttentionSpec.square(6, 4, v_channels=3, heads=2)
+    first = make_inputs("gaussian", spec, 0)
+    again = make_inputs("gaussian", spec, 0)  # the same contents in new tensors
+    out, grad = runner.exact_reference(first.q, first.k, first.v, None, True)
+    assert runner.exact_reference(again.q, again.k, again.v, None, True)[0] is out
+    q, k, v = (t.clone().requires_grad_() for t in (first.q, first.k, first.v))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    want.backward(runner.output_grad(want.shape))
+    torch.testing.assert_close(out, want.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad, torch.cat([t.grad.flatten() for t in (q, k, v)]))
+    other = make_inputs("gaussian", spec, 1)
+    assert not torch.equal(runner.exact_reference(other.q, other.k, other.v, None, True)[0], out)
+    assert runner.exact_reference(first.q, first.k, first.v, 0.5, True)[0] is not out  # scale
+    # Two newer inputs since: the first was dropped and is computed again, equal to before.
+    recomputed = runner.exact_reference(first.q, first.k, first.v, None, True)[0]
+    assert recomputed is not out and torch.equal(recomputed, out)
+
+
+def test_methods_of_one_run_are_scored_as_if_each_ran_alone(tmp_path, monkeypatch):
+    text = (
+        "implementations: [{name: none}, {name: gpa.torch, params: {downsample: 2, topk: 2}}]\n"
+        "maps: [8]\nchannels: [4]\nmetrics: [fidelity]\ninputs: [smooth, warp-copy]\n"
+    )
+    _, rows = run(write(tmp_path, text), tmp_path)
+    for row in rows:
+        monkeypatch.setattr(runner, "_references", type(runner._references)())
+        (case,) = [
+            c
+            for c in expand(load_suite(tmp_path / "small.yaml"), "cpu")
+            if c.case_id == row["case_id"]
+        ]
+        alone = runner.measure_case(case, runner.context("cpu"), None, math.inf, 0.01)
+        for key in ("rel_err_out", "rel_err_grad", "copy_psnr"):
+            assert row[key] == alone[key], (row["label"], row["inputs"], key)
+    assert {r["inputs"] for r in rows} == {"smooth", "warp-copy"} and len(rows) == 4
+
+
 def test_warp_match_sweeps_sharpness_and_rows_record_it(tmp_path):
     text = (
         "implementations: [{name: full.sdpa}]\nmaps: [16]\nchannels: [16]\ndirections: [fwd]\n"
