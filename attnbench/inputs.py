@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
+from scipy.ndimage import gaussian_filter
 
 from attnbench.spec import AttentionSpec
 
@@ -52,8 +52,11 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of [N, C, h, w] with standard deviation ``sigma`` pixels."""
     if sigma < 0.3:
         return x
-    size = 2 * int(3 * sigma) + 1
-    return gaussian_blur(x, [size, size], [sigma, sigma])
+    radius = int(3 * sigma)  # a kernel of 2 radius + 1 taps, mirrored at the edges
+    out = gaussian_filter(
+        x.numpy(), sigma=(0, 0, sigma, sigma), mode="mirror", radius=(0, 0, radius, radius)
+    )
+    return torch.from_numpy(out).to(x.dtype)
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:

@@ -372,6 +372,19 @@ def test_warp_match_sweeps_sharpness_and_rows_record_it(tmp_path):
     assert match[1]["copy_psnr"] > match[0]["copy_psnr"]
 
 
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 3.7])
+def test_blur_is_torchvisions_gaussian_blur(sigma):
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from attnbench.inputs import blur
+
+    x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    size = 2 * int(3 * sigma) + 1  # torchvision's kernel and reflected border, computed by it
+    want = gaussian_blur(x, [size, size], [sigma, sigma])
+    torch.testing.assert_close(blur(x, sigma), want, rtol=0, atol=1e-12)
+    assert blur(x, 0.2) is x  # below 0.3 pixels: no blur
+
+
 def test_warp_match_scores_are_distances_of_warp_copy_features():
     # q.k / sqrt(C) is -s^2 |f_q - f_k|^2 / (2 sqrt(C - 1)) up to a term of the query alone, f
     # warp-copy's features with C - 1 channels; source, warp and values are warp-copy's.
