@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from attnbench import __version__, measure, registry
+from attnbench import measure, registry, results
 from attnbench.impls.gpa import cpp, grid_attention, select_keys
 from attnbench.spec import AttentionSpec
 
@@ -234,15 +234,7 @@ def main() -> None:
             f"{interleaved['gpa.cpp fwd+bwd over fwd median']:.2f}"
         )
     if args.json:
-        context = {
-            "torch_version": torch.__version__,
-            "attnbench_version": __version__,
-            "threads": torch.get_num_threads(),
-            "device_name": measure.device_name(),
-            "matmul_gflops": peak,
-            "size": n,
-            "channels": c,
-        }
+        context = results.context("cpu") | {"matmul_gflops": peak, "size": n, "channels": c}
         with open(args.json, "w") as f:
             json.dump(
                 {
