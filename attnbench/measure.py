@@ -9,7 +9,8 @@
   first handed back to the system (``malloc_trim``) so that pages kept by the allocator from
   earlier runs do not hide new allocations. On CUDA: reset the peak statistics and read
   ``max_memory_allocated`` minus the allocation before the run (the GPA paper's method).
-- Matmul rate: a dense 2048^3 matmul in float32, the denominator of ``peak_fraction``.
+- Matmul rate: a dense 2048^3 matmul in float32 (or the size and dtype asked for), the
+  denominator of ``peak_fraction``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _seconds_per_call(fn: Callable[[], object], device: str, number: int = 1) -> float:
+def seconds_per_call(fn: Callable[[], object], device: str, number: int = 1) -> float:
     """Seconds per call of ``number`` calls of ``fn`` in a row (one block)."""
     _sync(device)
     start = time.perf_counter()
@@ -90,13 +91,13 @@ def time_call(
     limit). Median and IQR are those of every run, as ``torch.utils.benchmark.Measurement``
     computes them.
     """
-    first = _seconds_per_call(fn, device)
+    first = seconds_per_call(fn, device)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     times = list(m.times)  # seconds per call, one per block of m.number_per_run calls
     spent = sum(times) * m.number_per_run
     while len(times) < min_runs and (max_run_time is None or spent < max_run_time):
-        times.append(_seconds_per_call(fn, device, m.number_per_run))
+        times.append(seconds_per_call(fn, device, m.number_per_run))
         spent += times[-1] * m.number_per_run
     values = torch.tensor(sorted(times), dtype=torch.float64)
     median, p25, p75 = (values.quantile(f).item() for f in (0.5, 0.25, 0.75))
@@ -168,9 +169,14 @@ def device_name(device: str = "cpu") -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_gflops(size: int = 2048, device: str = "cpu", min_run_time: float = 1.0) -> float:
-    """This machine's dense float32 matmul rate in GFLOP/s (2 size^3 FLOPs per product)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_gflops(
+    size: int = 2048,
+    device: str = "cpu",
+    min_run_time: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """This machine's dense matmul rate in ``dtype``, GFLOP/s (2 size^3 FLOPs per product)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     timing = time_call(lambda: a @ b, device, min_run_time)
     return 2 * size**3 / (timing.median_ms * 1e-3) / 1e9

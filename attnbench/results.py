@@ -42,14 +42,19 @@ MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
 
 
 def git_commit() -> str | None:
-    """The commit of the attnbench source tree (``-dirty`` if it has changes), or None."""
+    """The commit of the attnbench source tree (``-dirty`` if it has changes), or None.
+
+    Where the tree is no git checkout (a copy sent to another machine, an installed wheel),
+    ``ATTNBENCH_GIT_COMMIT`` names the commit it was made from, if set.
+    """
     root = Path(__file__).resolve().parents[1]
+    given = os.environ.get("ATTNBENCH_GIT_COMMIT") or None
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
         )
         if commit.returncode != 0:
-            return None
+            return given
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=root,
@@ -58,7 +63,7 @@ def git_commit() -> str | None:
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
     return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
