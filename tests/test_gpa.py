@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from attnbench import registry
 from attnbench.impls.gpa import cpp, select_keys, vectorised
+from attnbench.impls.gpa import flex as flex_module
 from attnbench.registry import UnsupportedError
 from attnbench.spec import AttentionSpec
 
@@ -401,6 +402,42 @@ def test_flex_limits_are_reasons():
     reasons = flex.unsupported_reasons(cuda)
     assert "key block size 4 on device=cuda" in " ".join(reasons)
     assert registry.create("gpa.flex", downsample=4, cell=1, topk=4).unsupported_reasons(cuda) == []
+
+
+@pytest.mark.parametrize("q_block", [16, 64, 256, 1024])
+@pytest.mark.parametrize("kv_block", [16, 64, 256])
+def test_flex_cuda_tiles_divide_their_blocks(q_block, kv_block):
+    t = flex_module.cuda_tiles(q_block, kv_block)
+    for tile in ("BLOCK_M", "BLOCK_M1", "BLOCK_M2"):
+        assert q_block % t[tile] == 0 and t[tile] >= 16
+    for tile in ("BLOCK_N", "BLOCK_N1", "BLOCK_N2"):
+        assert kv_block % t[tile] == 0 and t[tile] >= 16
+    assert t["BLOCK_N1"] % t["BLOCK_M1"] == 0 and t["BLOCK_M2"] % t["BLOCK_N2"] == 0
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["gpa.torch", "gpa.flex"])
+@pytest.mark.parametrize(
+    "params, q_hw, kv_hw",
+    [
+        ({"downsample": 4, "cell": 2, "topk": 5}, (32, 32), (32, 32)),  # the pivot's blocks
+        ({"downsample": 4, "cell": 1, "topk": 3}, (16, 32), (24, 16)),  # cross, rectangular
+    ],
+)
+def test_cuda_backends_and_their_gradients_equal_reference(name, params, q_hw, kv_hw):
+    q, k, v = inputs(2, 2, q_hw, kv_hw, 24, 16, grad=True)
+    ref = run_reference(params, q, k, v, q_hw, kv_hw)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    leaves = [t.detach().float().cuda().requires_grad_() for t in (q, k, v)]
+    out = registry.create(name, **params)(*leaves, q_hw=q_hw, kv_hw=kv_hw)
+    grads = torch.autograd.grad(out, leaves, grad.float().cuda())
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_cpp

@@ -10,6 +10,11 @@ Limits, as reasons: on CPU the compiled kernel is forward-only; on CUDA, block s
 powers of two >= 16. The first call of each shape compiles (seconds); new key selections of the
 same shape reuse the compiled kernel.
 
+On CUDA the kernel's tiles are set from the block sizes (:func:`cuda_tiles`): a tile must divide
+its block, and the default tiles (64 or 128 rows) are larger than GPA's key blocks (d² = 16 at
+the pivot), which PyTorch before 2.14 does not shrink by itself ("Q and KV block size must be
+divisible by BLOCK_M and BLOCK_N").
+
 Non-finite inputs: FlexAttention returns 0 for a query whose scores are all NaN or -inf, where
 softmax (and ``gpa.reference``) gives NaN. Such a query is non-finite (a NaN or infinite query
 scores NaN or ±inf against every key), and so is its low-res query, which makes its cell's
@@ -59,6 +64,26 @@ def from_blocks(x: torch.Tensor, hw: tuple[int, int], side: int) -> torch.Tensor
 
 def is_pow2_at_least_16(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
+
+
+def cuda_tiles(q_block: int, kv_block: int) -> dict[str, int]:
+    """FlexAttention's CUDA tile sizes for query blocks of ``q_block`` and key blocks of
+    ``kv_block`` tokens (powers of two >= 16).
+
+    Each tile divides its block, as the kernel requires; the backward kernels also need
+    BLOCK_N1 % BLOCK_M1 == 0 (dK, dV: key tiles over query tiles) and BLOCK_M2 % BLOCK_N2 == 0
+    (dQ). The caps keep the tiles within shared memory for head dimensions up to 256.
+    """
+    n1 = min(kv_block, 32)
+    m2 = min(q_block, 32)
+    return {
+        "BLOCK_M": min(q_block, 64),
+        "BLOCK_N": min(kv_block, 32),
+        "BLOCK_M1": min(n1, q_block, 16),
+        "BLOCK_N1": n1,
+        "BLOCK_M2": m2,
+        "BLOCK_N2": min(kv_block, m2, 16),
+    }
 
 
 @register("gpa.flex")
@@ -112,10 +137,13 @@ class GPAFlex(GPABase):
         v_tiles = to_blocks(v, geom.kv_hw, geom.d)
         if affinity == "euclid":
             q_cells, k_tiles = euclid_augment(q_cells, k_tiles)
+        options = cuda_tiles(geom.cell_side**2, geom.d**2) if q.is_cuda else None
         with torch._dynamo.config.patch(
             recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
         ):
-            out = compiled_flex_attention()(q_cells, k_tiles, v_tiles, block_mask=mask, scale=scale)
+            out = compiled_flex_attention()(
+                q_cells, k_tiles, v_tiles, block_mask=mask, scale=scale, kernel_options=options
+            )
         return from_blocks(out, geom.q_hw, geom.cell_side)  # (B, H, Nq, Cv), row-major
 
     def memory_bytes(self, spec: AttentionSpec, backward: bool = False) -> int:
