@@ -72,9 +72,7 @@ def cuda_tiles(q_block: int, kv_block: int) -> dict[str, int]:
 
     Each tile divides its block, as the kernel requires; the backward kernels also need
     BLOCK_N1 % BLOCK_M1 == 0 (dK, dV: key tiles over query tiles) and BLOCK_M2 % BLOCK_N2 == 0
-    (dQ). The caps keep the tiles within shared memory for head dimensions up to 256; four
-    warps and one pipeline stage suit such small tiles (PyTorch 2.11's bfloat16 backward found
-    no valid kernel for them at its default warps and stages).
+    (dQ). The caps keep the tiles within shared memory for head dimensions up to 256.
     """
     n1 = min(kv_block, 32)
     m2 = min(q_block, 32)
@@ -85,8 +83,6 @@ def cuda_tiles(q_block: int, kv_block: int) -> dict[str, int]:
         "BLOCK_N1": n1,
         "BLOCK_M2": m2,
         "BLOCK_N2": min(kv_block, m2, 16),
-        "num_warps": 4,
-        "num_stages": 1,
     }
 
 
