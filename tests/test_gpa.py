@@ -429,7 +429,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 )
 def test_cuda_backends_and_their_gradients_equal_reference(name, params, q_hw, kv_hw):
     q, k, v = inputs(2, 2, q_hw, kv_hw, 24, 16, grad=True)
-    ref = run_reference(params, q, k, v, q_hw, kv_hw)
+    ref, _ = run_reference(params, q, k, v, q_hw, kv_hw)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     leaves = [t.detach().float().cuda().requires_grad_() for t in (q, k, v)]
