@@ -160,6 +160,21 @@ def test_copying_means_and_stds_over_seeds_per_machine():
     assert theirs["test_l1"] == pytest.approx(0.5)  # never mixed with the other machine
 
 
+def test_a_section_whose_runs_span_days_names_the_methods_of_each_day():
+    def run(impl: str, seed: int, when: str) -> dict:
+        return train_row(impl, seed, 0.1, timestamp=f"2026-01-0{when}+00:00")
+
+    one_day = [run("none", 0, "1T00:00:00"), run("full.sdpa", 0, "1T23:59:59")]
+    assert copying_table(one_day).sections[0].notes == []
+    rows = [*one_day, run("full.sdpa", 1, "3T00:00:01"), run("none", 1, "1T12:00:00")]
+    notes = copying_table(rows).sections[0].notes
+    assert notes[0].startswith(
+        "step times come from runs of 2 days (2026-01-01: none, full.sdpa; 2026-01-03: full.sdpa)"
+    )
+    failed = run("gpa.torch", 0, "5T00:00:00") | {"status": "error", "reason": "boom"}
+    assert copying_table([*rows, failed]).sections[0].notes == notes  # ok runs only
+
+
 def hits(r1: float, r2: float) -> dict:
     """A ``copy_hit_rate`` whose largest level has these hit rates."""
     return {"largest": r1, "largest_r2": r2, "levels": {"level3_64x64": {"r1": r1, "r2": r2}}}

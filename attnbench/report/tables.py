@@ -656,6 +656,29 @@ def reasons_of(part: pd.DataFrame) -> list[str]:
     return sorted(reasons.str.split(REASON_SPLIT).explode().str.strip().unique())
 
 
+def days_of(part: pd.DataFrame, methods: pd.DataFrame) -> list[str]:
+    """A note naming the methods run on each day, when a section's ok runs span days.
+
+    A shared machine's speed drifts from day to day (its matmul rate, other tenants), so step
+    times compare within one day's runs only; metrics do not depend on it.
+    """
+    ok = part[(part["status"] == "ok") & part["timestamp"].notna()]
+    days = ok["timestamp"].dt.strftime("%Y-%m-%d")
+    if days.nunique() < 2:
+        return []
+    labels = methods["method"].reindex(pd.MultiIndex.from_frame(ok[METHOD])).to_numpy()
+    order = methods["method"].tolist()
+    runs = pd.DataFrame({"day": days.to_numpy(), "label": labels})
+    listing = "; ".join(
+        f"{day}: {', '.join(sorted(set(group['label']), key=order.index))}"
+        for day, group in runs.groupby("day")
+    )
+    return [
+        f"step times come from runs of {days.nunique()} days ({listing}); this machine's "
+        "speed may differ between days, so compare step times of one day's runs only"
+    ]
+
+
 def train_sections(rows: pd.DataFrame, task: str) -> list[Section]:
     """One section per comparable group of ``task``'s training runs: metrics over seeds
     (:func:`seed_stats`) and the comparisons with the references."""
@@ -670,7 +693,8 @@ def train_sections(rows: pd.DataFrame, task: str) -> list[Section]:
             .loc[methods.index]
         )
         heading, context = train_heading(part)
-        sections.append(Section(heading, context, records, notes=reasons_of(part)))
+        notes = days_of(part, methods) + reasons_of(part)
+        sections.append(Section(heading, context, records, notes=notes))
     return sections
 
 
