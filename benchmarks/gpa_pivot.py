@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=IMPLS,
         default=IMPLS,
-        help="implementations to run (default: all; full.sdpa first, for the speed-ups)",
+        help="implementations to run (default: all; speed-ups need full.sdpa among them)",
     )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -72,17 +72,16 @@ def cuda_tiles(q_block: int, kv_block: int) -> dict[str, int]:
 
     Each tile divides its block, as the kernel requires; the backward kernels also need
     BLOCK_N1 % BLOCK_M1 == 0 (dK, dV: key tiles over query tiles) and BLOCK_M2 % BLOCK_N2 == 0
-    (dQ). The caps keep the tiles within shared memory for head dimensions up to 256.
+    (dQ), which the 16-row inner tiles meet for any such block. The caps keep the tiles within
+    shared memory for head dimensions up to 256.
     """
-    n1 = min(kv_block, 32)
-    m2 = min(q_block, 32)
     return {
         "BLOCK_M": min(q_block, 64),
         "BLOCK_N": min(kv_block, 32),
-        "BLOCK_M1": min(n1, q_block, 16),
-        "BLOCK_N1": n1,
-        "BLOCK_M2": m2,
-        "BLOCK_N2": min(kv_block, m2, 16),
+        "BLOCK_M1": 16,
+        "BLOCK_N1": min(kv_block, 32),
+        "BLOCK_M2": min(q_block, 32),
+        "BLOCK_N2": 16,
     }
 
 
