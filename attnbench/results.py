@@ -17,28 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-STATUSES = ("ok", "unsupported", "oom", "error", "diverged")
-
-REQUIRED_KEYS = (
-    "suite", "kind", "case_id", "impl", "params", "label", "status", "reason", "device",
-    "device_name", "dtype", "threads", "torch_version", "attnbench_version", "git_commit",
-    "timestamp", "seed",
-)  # fmt: skip
-MICRO_KEYS = (
-    "batch", "heads", "q_h", "q_w", "kv_h", "kv_w", "channels", "time_fwd_ms",
-    "time_fwd_iqr_ms", "time_fwdbwd_ms", "mem_fwd_bytes", "mem_fwdbwd_bytes", "flops_fwd",
-    "gflops_fwd", "peak_gflops", "peak_fraction", "rel_err_out", "rel_err_grad", "copy_psnr",
-)  # fmt: skip
-TRAIN_KEYS = (
-    "task", "steps", "train_time_s", "step_time_s", "test_l1", "test_loss", "ssim", "psnr",
-    "lpips", "fid", "attn_mem_bytes", "n_params", "copy_hit_rate",
-)  # fmt: skip
-NUMBER_KEYS = set(MICRO_KEYS + TRAIN_KEYS) - {"task", "copy_hit_rate"}
-KIND_KEYS = {  # the keys a row of each kind must have non-null
-    "micro": ("q_h", "q_w", "kv_h", "kv_w", "channels", "batch", "heads"),
-    "train": (),
-}
-MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")
+from attnbench.schema import (
+    MACHINE_KEYS,
+    NUMBER_KEYS,
+    REQUIRED_KEYS,
+    SCHEMAS,
+    STATUSES,
+)
 
 
 def git_commit() -> str | None:
@@ -84,8 +69,8 @@ def context(device: str) -> dict:
     }
 
 
-def new_row(case, kind: str, ctx: dict, dtype: str, metric_keys: tuple[str, ...]) -> dict:
-    """A row for ``case`` with every required key, status ok and ``metric_keys`` null."""
+def new_row(case, kind: str, ctx: dict, dtype: str) -> dict:
+    """A row for ``case`` with every required key, status ok and its kind's keys null."""
     row = {
         "suite": case.suite,
         "kind": kind,
@@ -100,7 +85,7 @@ def new_row(case, kind: str, ctx: dict, dtype: str, metric_keys: tuple[str, ...]
         "timestamp": None,
         "seed": case.seed,
     }
-    row.update(dict.fromkeys(metric_keys))
+    row.update(dict.fromkeys(SCHEMAS[kind].keys))
     return row
 
 
@@ -186,17 +171,18 @@ def row_problem(row) -> str | None:
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
         return f"without the required keys {missing}"
-    if row["kind"] not in KIND_KEYS:
-        return f"kind={row['kind']!r} (allowed: {', '.join(KIND_KEYS)})"
-    missing = [k for k in KIND_KEYS[row["kind"]] if row.get(k) is None]
+    if row["kind"] not in SCHEMAS:
+        return f"kind={row['kind']!r} (allowed: {', '.join(SCHEMAS)})"
+    schema = SCHEMAS[row["kind"]]
+    missing = [k for k in schema.required if row.get(k) is None]
     if missing:
         return f"a {row['kind']} row without {missing}"
     if row["status"] not in STATUSES:
         return f"status={row['status']!r} (allowed: {', '.join(STATUSES)})"
     wrong = [
         f"{key}={row[key]!r}"
-        for key in (MICRO_KEYS if row["kind"] == "micro" else TRAIN_KEYS)
-        if key in NUMBER_KEYS
+        for key in schema.keys
+        if key in schema.numbers
         and row.get(key) is not None
         and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))
     ]
@@ -263,8 +249,8 @@ def typed(values: pd.Series) -> pd.Series:
 
 def frame(rows: list[dict], kind: str | None = None) -> pd.DataFrame:
     """Rows (dicts as :func:`valid_rows` gives them) as a DataFrame: see :func:`load`."""
-    if kind is not None and kind not in KIND_KEYS:
-        raise ValueError(f"kind={kind!r} (allowed: {', '.join(KIND_KEYS)})")
+    if kind is not None and kind not in SCHEMAS:
+        raise ValueError(f"kind={kind!r} (allowed: {', '.join(SCHEMAS)})")
     rows = [r for r in rows if kind in (None, r["kind"])]
     flat = [
         {k: v for k, v in r.items() if k != "params"}

@@ -26,7 +26,6 @@ from attnbench import registry
 from attnbench.inputs import make_inputs
 from attnbench.measure import MIN_RUNS, matmul_gflops, peak_memory, time_call
 from attnbench.results import (
-    MICRO_KEYS,
     append_row,
     context,
     drop_rows,
@@ -36,13 +35,6 @@ from attnbench.results import (
 )
 from attnbench.spec import AttentionSpec
 from attnbench.suite import MicroCase, MicroSuite, Suite, TrainSuite, expand, expand_train
-
-EXTRA_KEYS = (
-    "v_channels", "inputs", "sharpness", "directions", "time_fwd_first_ms", "time_fwdbwd_iqr_ms",
-    "time_fwdbwd_first_ms", "time_phase1_ms", "mem_predicted_bytes", "warnings", "time_fwd_runs",
-    "time_fwdbwd_runs",
-)  # fmt: skip
-
 
 def resolve_device(requested: str) -> str:
     """``auto`` -> cuda when usable, else cpu; an unusable cuda is an error."""
@@ -102,7 +94,7 @@ def _spec(case: MicroCase, requires_grad: bool = False) -> AttentionSpec:
 
 def empty_row(case: MicroCase, ctx: dict) -> dict:
     """Every key a micro row has, metrics null until measured."""
-    row = new_row(case, "micro", ctx, case.dtype, MICRO_KEYS + EXTRA_KEYS)
+    row = new_row(case, "micro", ctx, case.dtype)
     row.update(
         batch=case.batch,
         heads=case.heads,

@@ -7,7 +7,8 @@ import torch
 
 from attnbench import runner
 from attnbench.metrics import MetricUnavailable, image_metrics, lpips_model, lpips_weights_file
-from attnbench.results import TRAIN_KEYS, read_rows
+from attnbench.results import read_rows
+from attnbench.schema import TRAIN_KEYS
 from attnbench.suite import load_suites
 from attnbench.tasks import training
 

@@ -13,7 +13,8 @@ import torch
 from attnbench import cli, registry, runner
 from attnbench.inputs import make_inputs
 from attnbench.registry import Attention, register
-from attnbench.results import MICRO_KEYS, REQUIRED_KEYS, append_row, read_rows
+from attnbench.results import append_row, read_rows
+from attnbench.schema import MICRO_KEYS, REQUIRED_KEYS
 from attnbench.spec import AttentionSpec
 from attnbench.suite import SuiteError, expand, load_suite
 

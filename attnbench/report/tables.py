@@ -29,7 +29,8 @@ import pandas as pd
 from scipy import stats
 from tabulate import DataRow, TableFormat
 
-from attnbench.results import MICRO_KEYS, REQUIRED_KEYS, TRAIN_KEYS, frame
+from attnbench.results import frame
+from attnbench.schema import REPORT_COLUMNS
 
 FAMILY_ORDER = ("none", "full", "xformers", "gpa", "nystrom", "performer")
 BASELINE = "full.sdpa"  # what speed-ups and overtaking sizes are measured against
@@ -42,10 +43,6 @@ SHAPE = [  # what makes two micro rows the same inputs apart from the method
     "inputs", "sharpness",
 ]  # fmt: skip
 TRAIN_KEY = ["machine", "suite", "task", "preset", "batch"]  # what makes training runs comparable
-OPTIONAL_KEYS = (  # keys of newer rows that older rows lack
-    "v_channels", "inputs", "sharpness", "generator", "preset", "max_steps", "budget_minutes",
-    "time_fwdbwd_iqr_ms", "mem_predicted_bytes", "grid_png_path", "hit_curve",
-)  # fmt: skip
 groups = partial(pd.DataFrame.groupby, observed=True, dropna=False)
 
 
@@ -189,8 +186,7 @@ def prepare(rows: pd.DataFrame) -> pd.DataFrame:
         rows = frame(list(rows))
     if "order" in rows:
         return rows
-    known = [*REQUIRED_KEYS, *MICRO_KEYS, *TRAIN_KEYS, *OPTIONAL_KEYS]
-    df = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *known])))
+    df = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *REPORT_COLUMNS])))
     names = [c for c in df if c.startswith("params.")]
     df["params"] = [
         {k.removeprefix("params."): v for k, v in zip(names, values) if present(v)}

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from attnbench import registry
-from attnbench.results import TRAIN_KEYS, new_row
+from attnbench.results import new_row
 from attnbench.suite import TrainCase, TrainSuite
 
 TEST_SEED = 2**31 - 1  # the held-out set's seed: no training seed draws the same items
@@ -563,7 +563,7 @@ def train_case(
 
 def empty_train_row(case: TrainCase, ctx: dict) -> dict:
     """Every key a train row has, metrics null until measured."""
-    row = new_row(case, "train", ctx, "float32", TRAIN_KEYS)
+    row = new_row(case, "train", ctx, "float32")
     row.update(
         task=case.task,
         preset=case.preset,
