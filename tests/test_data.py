@@ -20,7 +20,7 @@ from attnbench.data import (
     warp_image,
     warp_keypoints,
 )
-from attnbench.data.mannequin import logo_glyph
+from attnbench.data.appearance import logo_glyph
 
 
 def visible(keypoints):
