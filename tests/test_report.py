@@ -1,7 +1,7 @@
 """attnbench report: tables against hand-computed values and a checked-in fixture; plots.
 
 Table and plot functions take the result frame; rows written here as dicts become one through
-:func:`attnbench.report.tables.prepare`, as :func:`attnbench.results.frame` gives it.
+:func:`attnbench.report.table.prepare`, as :func:`attnbench.results.frame` gives it.
 """
 
 from __future__ import annotations
@@ -20,21 +20,19 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from attnbench.report import load, write_report
-from attnbench.report.tables import (
-    all_tables,
-    copying_table,
+from attnbench.report import write_report
+from attnbench.report.micro_tables import (
     fidelity_table,
     kappa_fidelity_table,
-    kappa_training_table,
-    markdown_table,
     micro_table,
-    not_run_table,
     overtakes,
     scaling_table,
-    welch,
 )
-from attnbench.results import REQUIRED_KEYS, machine_name
+from attnbench.report.not_run_table import not_run_table
+from attnbench.report.table import markdown_table
+from attnbench.report.tables import all_tables
+from attnbench.report.train_tables import copying_table, kappa_training_table, welch
+from attnbench.results import REQUIRED_KEYS, machine_name, valid_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = re.compile(r"\((ms|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label ends in its unit
@@ -189,7 +187,7 @@ def test_welch_p_value_is_scipys_and_empty_below_two_seeds_a_side():
 
 
 def test_copying_compares_psnr_and_hit_rate_with_none_and_full_by_welch():
-    rows = load([FIXTURE / "rows.jsonl"])
+    rows = valid_rows([FIXTURE / "rows.jsonl"])
     (section,) = [s for s in copying_table(rows).sections if s.context["suite"] == "copying-budget"]
     by_label = {r["label"]: r for r in records(section)}
     budget = [r for r in rows if r["suite"] == "copying-budget" and r["status"] == "ok"]
@@ -272,7 +270,7 @@ def write_tables(rows: list[dict], out: Path) -> dict[str, bytes]:
 
 
 def test_fixture_rows_give_the_checked_in_tables_byte_for_byte(tmp_path):
-    got = write_tables(load([FIXTURE / "rows.jsonl"]), tmp_path)
+    got = write_tables(valid_rows([FIXTURE / "rows.jsonl"]), tmp_path)
     expected_dir = FIXTURE / "expected"
     expected = {
         p.relative_to(expected_dir).as_posix(): p.read_bytes()
@@ -284,7 +282,7 @@ def test_fixture_rows_give_the_checked_in_tables_byte_for_byte(tmp_path):
 
 
 def test_row_order_does_not_change_the_tables(tmp_path):
-    rows = load([FIXTURE / "rows.jsonl"])
+    rows = valid_rows([FIXTURE / "rows.jsonl"])
     shuffled = copy.deepcopy(rows)
     random.Random(0).shuffle(shuffled)
     assert write_tables(rows, tmp_path / "a") == write_tables(shuffled, tmp_path / "b")
@@ -292,7 +290,7 @@ def test_row_order_does_not_change_the_tables(tmp_path):
 
 def test_committed_tables_are_what_the_committed_rows_give(tmp_path):
     committed = ROOT / "results" / "tables"
-    rows = load([ROOT / "results" / "raw"])
+    rows = valid_rows([ROOT / "results" / "raw"])
     for table in all_tables(rows):
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             path = committed / f"{table.name}{suffix}"
@@ -306,10 +304,10 @@ def test_load_skips_incomplete_rows_with_a_warning(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"impl": "x"}) + "\n")
     with pytest.warns(UserWarning, match="row 2 skipped: without the required keys"):
-        rows = load([tmp_path])
+        rows = valid_rows([tmp_path])
     assert rows == [good]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load([tmp_path / "missing"])
+        valid_rows([tmp_path / "missing"])
 
 
 def figure_texts(fig) -> tuple[str, list[tuple[str, str]], bool]:
@@ -323,7 +321,7 @@ def figure_texts(fig) -> tuple[str, list[tuple[str, str]], bool]:
 def test_every_plot_has_a_title_axes_with_units_and_a_legend():
     from attnbench.report.plots import all_plots
 
-    figures = all_plots(load([FIXTURE / "rows.jsonl"]))
+    figures = all_plots(valid_rows([FIXTURE / "rows.jsonl"]))
     names = [name for name, _ in figures]
     # suite copying ran on two machines: its plots' names carry the machine; copying-budget
     # and pose ran on one each, so theirs do not
@@ -365,7 +363,7 @@ def test_cli_report_writes_tables_and_names_a_missing_path(tmp_path):
 
 
 def test_report_page_links_every_plot_it_wrote(tmp_path):
-    written = write_report(load([FIXTURE / "rows.jsonl"]), tmp_path)
+    written = write_report(valid_rows([FIXTURE / "rows.jsonl"]), tmp_path)
     pngs = sorted(p.relative_to(tmp_path).as_posix() for p in written if p.suffix == ".png")
     page = (tmp_path / "report.md").read_text()
     linked = sorted(re.findall(r"\]\((plots/[^)]+\.png)\)", page))
@@ -417,13 +415,13 @@ def test_load_reads_each_file_once_and_rejects_files_without_rows(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(micro_row("none", 32, 1.0, 1)) + "\n[1, 2]\n")
     with pytest.warns(UserWarning, match="row 2 skipped: not a JSON object"):
-        rows = load([tmp_path, path])
+        rows = valid_rows([tmp_path, path])
     assert len(rows) == 1
     empty = tmp_path / "empty" / "e.jsonl"
     empty.parent.mkdir()
     empty.write_text("")
     with pytest.raises(ValueError, match="no result rows"):
-        load([empty])
+        valid_rows([empty])
 
 
 def test_hit_curve_plots_one_line_per_method_and_skips_rows_without_curves():

@@ -9,7 +9,7 @@
 
 The same rows always give byte-identical tables and ``report.md`` (rows are sorted by content,
 numbers formatted with fixed formats, and nothing depends on the time or the machine that makes
-the report). :func:`load` is :func:`attnbench.results.valid_rows`: the rows as dicts.
+the report).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.report.tables import TRAIN_KEY, Table, all_tables, groups, prepare, train_methods
-from attnbench.results import valid_rows as load
+from attnbench.report.table import Table, group_by, prepare
+from attnbench.report.tables import all_tables
+from attnbench.report.train_tables import TRAIN_KEY, train_methods
 
-__all__ = ["load", "write_report"]
+__all__ = ["write_report"]
 
 TITLE = "# attnbench results"
 
@@ -40,7 +41,7 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
     train = rows[(rows["kind"] == "train") & (rows["task"] == "copying")]
     grids = train[(train["status"] == "ok") & train["grid_png_path"].notna()]
     machines = set(grids["machine"])
-    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
         entries = []
         for method, first in train_methods(part).iterrows():
             runs = grids[grids.set_index(["impl", "params_text", "generator_text"]).index == method]

@@ -268,7 +268,7 @@ def selected_keys_example(
         ValueError: sizes or parameters GPA cannot run, or a bad ``n_cells``.
     """
     from attnbench import registry
-    from attnbench.impls.gpa.vectorised import select_keys
+    from attnbench.impls.gpa.pytorch import select_keys
     from attnbench.inputs import make_inputs
     from attnbench.spec import AttentionSpec
 
@@ -309,32 +309,10 @@ def outline(
     )
 
 
-def selected_keys_figure(**params) -> Figure:
-    """The keys GPA's phase 1 keeps for a few query cells (the paper's Fig. 9).
-
-    Left, the queries' image (the warped copy) with the chosen cells outlined; right, the
-    keys' image (the source) with each cell's κ kept d x d key blocks outlined in the cell's
-    colour, and a line from the cell's centre to each block whose opacity is the key's
-    relevance relative to the cell's most relevant key (:meth:`SelectedKeys.alphas`). The
-    images are drawn faded so that the outlines stand out; colours repeat after ten cells.
-
-    Args:
-        params: the example's parameters (:func:`selected_keys_example`: map_size,
-            phase1_res, cell, topk, n_cells, seed, affinity, channels).
-
-    Returns:
-        The figure; the data it draws is ``selected_keys_example(**params)``.
-
-    Raises:
-        ValueError: as :func:`selected_keys_example`.
-    """
-    example = selected_keys_example(**params)
-    geom = example.geometry
-    d, side = geom.d, geom.cell_side
-    colours = matplotlib.colormaps["tab10"].colors
-
-    fig = Figure(figsize=(11, 6.6), layout="constrained")
-    ax_q, ax_k = fig.subplots(1, 2)
+def draw_images(ax_q, ax_k, example: SelectedKeys) -> None:
+    """The queries' image (the warped copy) on ``ax_q`` and the keys' image (the source) on
+    ``ax_k``, faded so that outlines stand out; the key panel's y axis on its right, out of the
+    way of the lines that cross the gap between the panels."""
     for ax, image, name in (
         (ax_q, example.query_image, "queries: warped copy"),
         (ax_k, example.key_image, "keys: source image"),
@@ -344,10 +322,21 @@ def selected_keys_figure(**params) -> Figure:
         ax.set_title(name, fontsize=11)
         ax.set_xlabel("x (pixels)")
         ax.set_ylabel("y (pixels)")
-    # The lines cross the gap between the panels: the key panel's y axis goes on its right.
     ax_k.yaxis.tick_right()
     ax_k.yaxis.set_label_position("right")
 
+
+def draw_selections(fig: Figure, ax_q, ax_k, example: SelectedKeys) -> list[Rectangle]:
+    """Each chosen query cell outlined on ``ax_q``, its kept key blocks outlined on ``ax_k`` in
+    its colour (tab10, repeating after ten cells), and a line of ``fig`` from the cell's centre
+    to each block with the key's opacity (:meth:`SelectedKeys.alphas`).
+
+    Returns:
+        The cells' outlines, labelled for the legend.
+    """
+    geom = example.geometry
+    d, side = geom.d, geom.cell_side
+    colours = matplotlib.colormaps["tab10"].colors
     handles = []
     alphas, corners = example.alphas(), example.block_corners()
     for n, (row, col) in enumerate(example.cells):
@@ -373,6 +362,34 @@ def selected_keys_figure(**params) -> Figure:
             )
             line.set_in_layout(False)
             fig.add_artist(line)
+    return handles
+
+
+def selected_keys_figure(**params) -> Figure:
+    """The keys GPA's phase 1 keeps for a few query cells (the paper's Fig. 9).
+
+    Left, the queries' image (the warped copy) with the chosen cells outlined; right, the
+    keys' image (the source) with each cell's κ kept d x d key blocks outlined in the cell's
+    colour, and a line from the cell's centre to each block whose opacity is the key's
+    relevance relative to the cell's most relevant key (:meth:`SelectedKeys.alphas`). The
+    images are drawn faded so that the outlines stand out; colours repeat after ten cells.
+
+    Args:
+        params: the example's parameters (:func:`selected_keys_example`: map_size,
+            phase1_res, cell, topk, n_cells, seed, affinity, channels).
+
+    Returns:
+        The figure; the data it draws is ``selected_keys_example(**params)``.
+
+    Raises:
+        ValueError: as :func:`selected_keys_example`.
+    """
+    example = selected_keys_example(**params)
+    fig = Figure(figsize=(11, 6.6), layout="constrained")
+    ax_q, ax_k = fig.subplots(1, 2)
+    draw_images(ax_q, ax_k, example)
+    handles = draw_selections(fig, ax_q, ax_k, example)
+    geom = example.geometry
     fig.legend(
         handles=handles,
         loc="outside lower center",
@@ -384,7 +401,7 @@ def selected_keys_figure(**params) -> Figure:
     )
     fig.suptitle(
         f"GPA phase 1: key blocks kept per query cell ({geom.q_hw[0]}x{geom.q_hw[1]} map, "
-        f"d={d}, s={geom.s}, κ={geom.topk}, {example.affinity} affinity, "
+        f"d={geom.d}, s={geom.s}, κ={geom.topk}, {example.affinity} affinity, "
         f"warp-copy seed {example.seed})",
         fontsize=12,
     )

@@ -16,25 +16,25 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from attnbench.report.tables import (
+from attnbench.report.micro_tables import (
+    SERIES,
+    micro_rows,
+    scored_rows,
+    series_heading,
+    timed,
+    with_series,
+)
+from attnbench.report.table import (
     BASELINE,
     METHOD,
     MIB,
     NO_ATTENTION,
-    SERIES,
-    TRAIN_KEY,
-    groups,
+    group_by,
     kappa_groups,
     method_label,
-    micro_rows,
     prepare,
-    scored_rows,
-    series_heading,
-    timed,
-    train_methods,
-    train_rows,
-    with_series,
 )
+from attnbench.report.train_tables import TRAIN_KEY, train_methods, train_rows
 
 STYLE = "whitegrid"
 NOT_RUN_MARKER = "X"
@@ -76,14 +76,14 @@ def memory_vs_l1(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
-    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
         runs = labelled_runs(part).dropna(subset=["test_l1", "attn_mem_bytes"])
         if runs.empty:
             continue
-        method = groups(runs, "rank")["method"]
+        method = group_by(runs, "rank")["method"]
         runs = runs.assign(
             label=method.transform(lambda m: f"{m.iloc[0]} (n={len(m)})"),
-            memory=groups(runs, "rank")["attn_mem_bytes"].transform("mean").astype(float) / MIB,
+            memory=group_by(runs, "rank")["attn_mem_bytes"].transform("mean").astype(float) / MIB,
         )
         labels = list(dict.fromkeys(runs["label"]))
         with sns.axes_style(STYLE):
@@ -113,7 +113,7 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
-    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
         runs = labelled_runs(part).explode("hit_curve").dropna(subset=["hit_curve"])
         if runs.empty:
             continue
@@ -142,66 +142,91 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     return figures
 
 
+def method_names(part: pd.DataFrame) -> dict[tuple, str]:
+    """Each method of a curve's rows (:data:`METHOD` values) with its label not resolved for any
+    map, in report order."""
+    firsts = part.sort_values("order").drop_duplicates(METHOD)
+    return {tuple(r[METHOD]): method_label(r["impl"], r["params"]) for _, r in firsts.iterrows()}
+
+
+def scaling_panel(
+    ax, part: pd.DataFrame, key: str, ylabel: str, methods: list, colours: dict, legend: bool
+) -> None:
+    """``key`` of a curve's rows against tokens, log-log, a line per method; the cases not run
+    marked with :data:`NOT_RUN_MARKER` at the top of the panel, above the measured curves."""
+    measured = part[part["status"] == "ok"]
+    not_run = part[part["status"] != "ok"]
+    points = measured[measured[key] > 0]
+    sns.lineplot(
+        points, x="tokens", y=key, hue="method", hue_order=methods,
+        palette=colours, marker="o", ax=ax, legend=legend,
+    )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if not not_run.empty:
+        top = points[key].max() if not points.empty else 1.0
+        sns.scatterplot(
+            not_run.assign(**{key: top * 1.5}), x="tokens", y=key, hue="method",
+            hue_order=methods, palette=colours, marker=NOT_RUN_MARKER, s=80,
+            ax=ax, legend=False,
+        )  # fmt: skip
+    ax.set_xlabel("query map height x width (tokens)")
+    ax.set_ylabel(ylabel)
+
+
+def scaling_figure(curve: tuple, part: pd.DataFrame) -> Figure:
+    """Forward time and memory of one curve's rows (:data:`SERIES` values ``curve``) against
+    tokens, side by side."""
+    names = method_names(part)
+    part = part.assign(
+        method=[names[m] for m in part[METHOD].itertuples(index=False, name=None)],
+        time=part["time_fwd_ms"].astype(float),
+        memory=part["mem_fwd_bytes"].astype(float) / MIB,
+    )
+    methods = list(names.values())
+    colours = dict(zip(methods, palette(len(methods))))
+    not_run = part["status"] != "ok"
+    with sns.axes_style(STYLE):
+        fig = new_figure(13, 5.5)
+        axes = fig.subplots(1, 2)
+        panels = (
+            (axes[0], "time", "forward time, median (ms)"),
+            (axes[1], "memory", "forward peak memory above the inputs (MiB)"),
+        )
+        for ax, key, ylabel in panels:
+            scaling_panel(ax, part, key, ylabel, methods, colours, legend=ax is axes[1])
+        axes[0].set_title("forward time")
+        axes[1].set_title("forward memory" + ("; X: not run" if not_run.any() else ""))
+        sns.move_legend(axes[1], **LEGEND)
+        suite_text, _, machine_text = series_heading(curve).partition(" — ")
+        fig.suptitle(f"time and memory against tokens: {suite_text}\n{machine_text}", fontsize=11)
+    return fig
+
+
+def scaling_name(curve: tuple) -> str:
+    """The file name of :func:`scaling_figure`'s figure, before the machine: the suite and C,
+    then what differs from one head of one sample of gaussian float32 self-attention."""
+    machine, suite, dtype, channels, cv, batch, heads, inputs, self_attention = curve
+    extra = [f"cv{cv}"] if cv != channels else []
+    extra += [f"b{batch}h{heads}"] if batch * heads > 1 else []
+    extra += [slug(inputs)] if inputs not in (None, "gaussian") else []
+    extra += [] if self_attention else ["cross"]
+    extra += [] if dtype == "float32" else [slug(dtype)]
+    return "-".join([slug(suite), "time-memory", f"c{channels}", *extra])
+
+
 def scaling(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     """Forward time and memory against tokens, log-log; cases not run marked at the top."""
     figures = []
     micro = with_series(micro_rows(prepare(rows)))
     machines = set(micro["machine"])
-    for curve, part in groups(micro, SERIES):
-        machine, suite, dtype, channels, cv, batch, heads, inputs, self_attention = curve
+    for curve, part in group_by(micro, SERIES):
         if timed(part)["tokens"].nunique() < 3:
             continue
-        firsts = part.sort_values("order").drop_duplicates(METHOD)
-        names = {
-            tuple(r[METHOD]): method_label(r["impl"], r["params"]) for _, r in firsts.iterrows()
-        }
-        part = part.assign(
-            method=[names[m] for m in part[METHOD].itertuples(index=False, name=None)],
-            time=part["time_fwd_ms"].astype(float),
-            memory=part["mem_fwd_bytes"].astype(float) / MIB,
+        machine = curve[0]
+        figures.append(
+            (name_for(scaling_name(curve), machine, machines), scaling_figure(curve, part))
         )
-        methods = list(names.values())
-        colours = dict(zip(methods, palette(len(methods))))
-        measured = part[part["status"] == "ok"]
-        not_run = part[part["status"] != "ok"]
-        with sns.axes_style(STYLE):
-            fig = new_figure(13, 5.5)
-            axes = fig.subplots(1, 2)
-            panels = (
-                (axes[0], "time", "forward time, median (ms)"),
-                (axes[1], "memory", "forward peak memory above the inputs (MiB)"),
-            )
-            for ax, key, ylabel in panels:
-                points = measured[measured[key] > 0]
-                sns.lineplot(
-                    points, x="tokens", y=key, hue="method", hue_order=methods,
-                    palette=colours, marker="o", ax=ax, legend=ax is axes[1],
-                )  # fmt: skip
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                if not not_run.empty:  # at the top of the panel, above the measured curves
-                    top = points[key].max() if not points.empty else 1.0
-                    sns.scatterplot(
-                        not_run.assign(**{key: top * 1.5}), x="tokens", y=key, hue="method",
-                        hue_order=methods, palette=colours, marker=NOT_RUN_MARKER, s=80,
-                        ax=ax, legend=False,
-                    )  # fmt: skip
-                ax.set_xlabel("query map height x width (tokens)")
-                ax.set_ylabel(ylabel)
-            axes[0].set_title("forward time")
-            axes[1].set_title("forward memory" + ("; X: not run" if not not_run.empty else ""))
-            sns.move_legend(axes[1], **LEGEND)
-            suite_text, _, machine_text = series_heading(curve).partition(" — ")
-            fig.suptitle(
-                f"time and memory against tokens: {suite_text}\n{machine_text}", fontsize=11
-            )
-        extra = [f"cv{cv}"] if cv != channels else []
-        extra += [f"b{batch}h{heads}"] if batch * heads > 1 else []
-        extra += [slug(inputs)] if inputs not in (None, "gaussian") else []
-        extra += [] if self_attention else ["cross"]
-        extra += [] if dtype == "float32" else [slug(dtype)]
-        base = "-".join([slug(suite), "time-memory", f"c{channels}", *extra])
-        figures.append((name_for(base, machine, machines), fig))
     return figures
 
 
@@ -210,7 +235,7 @@ def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
-    for (machine, suite, *_), part in groups(train, TRAIN_KEY):
+    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
         ok = part[part["status"] == "ok"]
         kappas = kappa_groups(ok)
         if not kappas:
@@ -248,15 +273,15 @@ def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     return figures
 
 
-def fidelity_vs_memory(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
-    """Relative error against memory per input family (warp-match per sharpness), one figure
-    per suite and map; hollow markers where the memory is the runner's prediction (which
-    covers forward+backward when the case computed gradients) rather than measured."""
-    figures = []
-    scored = with_series(scored_rows(prepare(rows)))
-    machines = set(scored["machine"])
+FIDELITY_FIGURE = [*SERIES[:-2], "q_h", "q_w", "kv_h", "kv_w"]  # one figure: all input families
+
+
+def with_memory(scored: pd.DataFrame) -> pd.DataFrame:
+    """Scored rows with their ``memory`` in MiB (measured forward, or else the runner's
+    prediction), its ``kind``, and their ``facet`` (the input family, and warp-match's
+    sharpness)."""
     predicted = scored["mem_fwd_bytes"].isna()
-    scored = scored.assign(
+    return scored.assign(
         memory=scored["mem_fwd_bytes"].fillna(scored["mem_predicted_bytes"]).astype(float) / MIB,
         kind=predicted.map({False: "measured forward", True: "predicted forward"}).where(
             ~predicted | scored["rel_err_grad"].isna(), "predicted forward+backward"
@@ -266,55 +291,81 @@ def fidelity_vs_memory(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
             for i, s in zip(scored["inputs"], scored["sharpness"])
         ],
     )
-    key = [*SERIES[:-2], "q_h", "q_w", "kv_h", "kv_w"]  # every input family in one figure
-    for fig_key, part in groups(scored, key):
-        machine, suite, dtype, channels, cv, batch, heads, q_h, q_w, kv_h, kv_w = fig_key
+
+
+def fidelity_panel(ax, points: pd.DataFrame, labels: list, kinds: list, legend) -> None:
+    """One facet's relative error against memory, log-log; a marker per method, larger where
+    the memory is predicted rather than measured."""
+    sns.scatterplot(
+        points, x="memory", y="rel_err_out", hue="label",
+        hue_order=labels, style="label", style_order=labels,
+        markers=dict(zip(labels, MARKERS * len(labels))), palette=palette(len(labels)),
+        size="kind", sizes={k: s for k, s in zip(kinds, (36, 90))}, s=36, ax=ax,
+        legend=legend,
+    )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"peak memory above the inputs, {' or '.join(kinds)} (MiB)")
+    ax.set_ylabel("relative L2 error of the output (1)")
+
+
+def fidelity_figure(fig_key: tuple, part: pd.DataFrame, facets: list) -> Figure:
+    """The panels of :func:`fidelity_vs_memory` for one suite and map (:data:`FIDELITY_FIGURE`
+    values ``fig_key``), :data:`FACET_COLUMNS` to a row, with one legend."""
+    machine, suite, dtype, channels, cv, batch, heads, q_h, q_w, kv_h, kv_w = fig_key
+    labels = list(dict.fromkeys(part.sort_values("order")["label"]))
+    kinds = sorted(part["kind"].unique())
+    columns = min(len(facets), FACET_COLUMNS)
+    lines = -(-len(facets) // columns)
+    with sns.axes_style(STYLE):
+        fig = new_figure(5 * columns + 2.5, 4.8 * lines)
+        axes = list(fig.subplots(lines, columns, squeeze=False).flat)
+        for ax in axes[len(facets) :]:
+            ax.remove()  # the last row's empty places
+        for ax, facet in zip(axes, facets):
+            points = part[part["facet"] == facet]
+            fidelity_panel(ax, points, labels, kinds, legend=ax is axes[0] and "full")
+            ax.set_title(facet)
+        handles, names = axes[0].get_legend_handles_labels()
+        axes[0].get_legend().remove()
+        fig.legend(handles, names, fontsize=8, loc="outside right center")
+        where = f"{q_h}x{q_w} map" + ("" if (kv_h, kv_w) == (q_h, q_w) else f", kv {kv_h}x{kv_w}")
+        shape = f"C = {channels}" + (f", Cv = {cv}" if cv != channels else "")
+        shape += f", B x H = {batch} x {heads}" if batch * heads > 1 else ""
+        fig.suptitle(
+            f"{suite}: fidelity against memory ({where}, {shape}, {dtype})\n{machine}",
+            fontsize=11,
+        )
+    return fig
+
+
+def fidelity_name(fig_key: tuple) -> str:
+    """The file name of :func:`fidelity_figure`'s figure, before the machine."""
+    machine, suite, dtype, channels, cv, batch, heads, q_h, q_w, kv_h, kv_w = fig_key
+    parts = [slug(suite), "error-vs-memory", f"{q_h}x{q_w}"]
+    parts += [] if (kv_h, kv_w) == (q_h, q_w) else [f"kv{kv_h}x{kv_w}"]
+    parts += [f"c{channels}"] + ([f"cv{cv}"] if cv != channels else [])
+    parts += [f"b{batch}h{heads}"] if batch * heads > 1 else []
+    parts += [] if dtype == "float32" else [slug(dtype)]
+    return "-".join(parts)
+
+
+def fidelity_vs_memory(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """Relative error against memory per input family (warp-match per sharpness), one figure
+    per suite and map; hollow markers where the memory is the runner's prediction (which
+    covers forward+backward when the case computed gradients) rather than measured."""
+    figures = []
+    scored = with_memory(with_series(scored_rows(prepare(rows))))
+    machines = set(scored["machine"])
+    for fig_key, part in group_by(scored, FIDELITY_FIGURE):
         part = part.sort_values(["inputs", "sharpness", "order"], na_position="first")
         part = part[(part["memory"] > 0) & (part["rel_err_out"] > 0)]
         facets = list(dict.fromkeys(part["facet"]))
-        labels = list(dict.fromkeys(part.sort_values("order")["label"]))
-        kinds = sorted(part["kind"].unique())
         if not facets:
             continue
-        columns = min(len(facets), FACET_COLUMNS)
-        lines = -(-len(facets) // columns)
-        with sns.axes_style(STYLE):
-            fig = new_figure(5 * columns + 2.5, 4.8 * lines)
-            axes = list(fig.subplots(lines, columns, squeeze=False).flat)
-            for ax in axes[len(facets) :]:
-                ax.remove()  # the last row's empty places
-            for ax, facet in zip(axes, facets):
-                sns.scatterplot(
-                    part[part["facet"] == facet], x="memory", y="rel_err_out", hue="label",
-                    hue_order=labels, style="label", style_order=labels,
-                    markers=dict(zip(labels, MARKERS * len(labels))), palette=palette(len(labels)),
-                    size="kind", sizes={k: s for k, s in zip(kinds, (36, 90))}, s=36, ax=ax,
-                    legend=ax is axes[0] and "full",
-                )  # fmt: skip
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-                ax.set_xlabel(f"peak memory above the inputs, {' or '.join(kinds)} (MiB)")
-                ax.set_ylabel("relative L2 error of the output (1)")
-                ax.set_title(facet)
-            handles, names = axes[0].get_legend_handles_labels()
-            axes[0].get_legend().remove()
-            fig.legend(handles, names, fontsize=8, loc="outside right center")
-            where = f"{q_h}x{q_w} map" + (
-                "" if (kv_h, kv_w) == (q_h, q_w) else f", kv {kv_h}x{kv_w}"
-            )
-            shape = f"C = {channels}" + (f", Cv = {cv}" if cv != channels else "")
-            shape += f", B x H = {batch} x {heads}" if batch * heads > 1 else ""
-            fig.suptitle(
-                f"{suite}: fidelity against memory ({where}, {shape}, {dtype})\n{machine}",
-                fontsize=11,
-            )
-        parts = [slug(suite), "error-vs-memory", f"{q_h}x{q_w}"]
-        parts += [] if (kv_h, kv_w) == (q_h, q_w) else [f"kv{kv_h}x{kv_w}"]
-        parts += [f"c{channels}"] + ([f"cv{cv}"] if cv != channels else [])
-        parts += [f"b{batch}h{heads}"] if batch * heads > 1 else []
-        parts += [] if dtype == "float32" else [slug(dtype)]
-        figures.append((name_for("-".join(parts), machine, machines), fig))
+        figure = fidelity_figure(fig_key, part, facets)
+        figures.append((name_for(fidelity_name(fig_key), fig_key[0], machines), figure))
     return figures
 
 
