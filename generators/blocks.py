@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.data.affine import coordinate_map
-from attnbench.impls.gpa.vectorised import euclid_augment
+from attnbench.impls.gpa.pytorch import euclid_augment
 from attnbench.registry import Attention
 from attnbench.spec import AttentionSpec
 

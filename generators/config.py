@@ -102,6 +102,14 @@ class GeneratorConfig:
         # Normalise lists (from YAML or JSON) to tuples so the config stays hashable.
         object.__setattr__(self, "image_size", tuple(self.image_size))
         object.__setattr__(self, "channels", tuple(self.channels))
+        self._check_sizes()
+        self._check_attention()
+        self._check_temperature()
+        self._check_layers()
+        self._check_levels_fit()
+
+    def _check_sizes(self) -> None:
+        """Image size, channel counts, ``full_attn_max`` and ``gpa_phase1_res``."""
         if len(self.image_size) != 2 or not all(_positive_int(x) for x in self.image_size):
             raise ValueError(
                 f"image_size={self.image_size!r} is not allowed "
@@ -126,6 +134,9 @@ class GeneratorConfig:
                 f"gpa_phase1_res={self.gpa_phase1_res!r} is not allowed "
                 "(allowed: an integer >= 1 or None)"
             )
+
+    def _check_attention(self) -> None:
+        """The small levels' attention, the positional codes, ``copy_init`` and ``affinity``."""
         if self.small_attention not in SMALL_ATTENTIONS:
             raise ValueError(
                 f"small_attention={self.small_attention!r} is not allowed "
@@ -155,6 +166,9 @@ class GeneratorConfig:
             raise ValueError(
                 f"affinity={self.affinity!r} is not allowed (allowed: {', '.join(AFFINITIES)})"
             )
+
+    def _check_temperature(self) -> None:
+        """``learn_temperature`` and ``temperature_init``."""
         if not isinstance(self.learn_temperature, bool):
             raise ValueError(
                 f"learn_temperature={self.learn_temperature!r} is not allowed "
@@ -168,12 +182,18 @@ class GeneratorConfig:
             raise ValueError(
                 f"temperature_init={self.temperature_init!r} is not allowed (allowed: a number > 0)"
             )
+
+    def _check_layers(self) -> None:
+        """The norm and the activation."""
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is not allowed (allowed: {', '.join(NORMS)})")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation={self.activation!r} is not allowed (allowed: {', '.join(ACTIVATIONS)})"
             )
+
+    def _check_levels_fit(self) -> None:
+        """The image can be halved once per level below the full resolution."""
         factor = 2 ** (self.levels - 1)
         h, w = self.image_size
         if h % factor or w % factor:

@@ -11,15 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnbench.registry import Attention, Param, register
+from attnbench.impls.common import SCALE, softmax_scale
+from attnbench.registry import Attention, register
 from attnbench.spec import AttentionSpec
-
-SCALE = Param(None, float, doc="softmax scale (default 1/sqrt(C))", low=0.0, optional=True)
-
-
-def softmax_scale(scale: float | None, channels: int) -> float:
-    """The softmax scale: ``scale`` if given, else 1/sqrt(C)."""
-    return channels**-0.5 if scale is None else scale
 
 
 def exact_weights(q: torch.Tensor, k: torch.Tensor, scale: float | None, channels: int):

@@ -63,16 +63,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnbench.impls.full import SCALE, softmax_scale
+from attnbench.impls.common import HALF_DTYPES, SCALE, compute_dtype, softmax_scale
 from attnbench.registry import Attention, Param, register
 from attnbench.spec import HW, AttentionSpec
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half inputs, else the inputs' own dtype."""
-    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def segment_ids(n: int, segments: int, device: torch.device | str = "cpu") -> torch.Tensor:

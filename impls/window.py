@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnbench.impls.full import SCALE, softmax_scale
+from attnbench.impls.common import SCALE, softmax_scale
 from attnbench.registry import Attention, Param, register
 from attnbench.spec import HW, AttentionSpec
 

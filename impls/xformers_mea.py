@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from attnbench.impls.full import SCALE, exact_weights
+from attnbench.impls.common import SCALE
+from attnbench.impls.full import exact_weights
 from attnbench.registry import Attention, UnsupportedError, register
 from attnbench.spec import AttentionSpec
 

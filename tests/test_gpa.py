@@ -6,8 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnbench import registry
-from attnbench.impls.gpa import cpp, select_keys, vectorised
+from attnbench.impls.gpa import cpp, select_keys
 from attnbench.impls.gpa import flex as flex_module
+from attnbench.impls.gpa import pytorch as vectorised
 from attnbench.registry import UnsupportedError
 from attnbench.spec import AttentionSpec
 

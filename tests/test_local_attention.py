@@ -139,8 +139,8 @@ def test_neighbourhood_mask_matches_oracle(case):
 def test_neighbourhood_torch_output_and_gradients(case, tiles, monkeypatch):
     b, heads, hw, c, cv, kernel, dilation = NEIGHBOURHOOD_CASES[case]
     if tiles:  # small tiles (padded at the map's edges), one row of tiles per band
-        monkeypatch.setattr(neighborhood, "TILE", tiles)
-        monkeypatch.setattr(neighborhood, "BAND_ELEMENTS", 1)
+        monkeypatch.setattr(neighborhood.pytorch, "TILE", tiles)
+        monkeypatch.setattr(neighborhood.pytorch, "BAND_ELEMENTS", 1)
     impl = registry.create("neighborhood.torch", kernel=kernel, dilation=dilation)
     mask = neighbourhood_oracle_mask(hw, kernel, dilation)
     check(impl, hw, mask, b, heads, c, cv, torch.float64, grad=True)

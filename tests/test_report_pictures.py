@@ -8,7 +8,7 @@ from matplotlib.patches import ConnectionPatch, Rectangle
 from PIL import Image
 
 from attnbench import registry
-from attnbench.impls.gpa.vectorised import select_keys
+from attnbench.impls.gpa.pytorch import select_keys
 from attnbench.inputs import make_inputs, random_affine, random_images
 from attnbench.report.pictures import (
     ALPHA_FLOOR,

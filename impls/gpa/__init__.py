@@ -1,8 +1,8 @@
 """Grid Partitioned Attention backends (Jetchev et al. 2021, arXiv 2107.03742)."""
 
-from attnbench.impls.gpa import cpp, flex, reference, vectorised
+from attnbench.impls.gpa import cpp, flex, pytorch, reference
 from attnbench.impls.gpa.common import Geometry, GPABase
-from attnbench.impls.gpa.vectorised import grid_attention, select_keys
+from attnbench.impls.gpa.pytorch import grid_attention, select_keys
 
 __all__ = [
     "GPABase",
@@ -10,7 +10,7 @@ __all__ = [
     "cpp",
     "flex",
     "grid_attention",
+    "pytorch",
     "reference",
     "select_keys",
-    "vectorised",
 ]

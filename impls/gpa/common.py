@@ -232,7 +232,7 @@ class GPABase(Attention):
 
     def select_keys(self, q, k, geom: Geometry, scale: float):
         """Phase 1 as this backend runs it (``gpa.torch``'s unless a backend has its own)."""
-        from attnbench.impls.gpa.vectorised import select_keys
+        from attnbench.impls.gpa.pytorch import select_keys
 
         return select_keys(q, k, geom, self.params["affinity"], scale)
 

@@ -15,8 +15,8 @@ Jetchev et al. 2021 (arXiv 2107.03742); see :mod:`attnbench.impls.gpa.common`. T
   its own, summed at the end in a fixed order (no races, the same sums on every run).
 
 Pooling and the cell-major reorder of the low-res queries are ``gpa.torch``'s
-(:func:`~attnbench.impls.gpa.vectorised.low_res_inputs`); autograd goes through
-:class:`~attnbench.impls.gpa.vectorised.GridAttention` with the kernel's forward and backward.
+(:func:`~attnbench.impls.gpa.pytorch.low_res_inputs`); autograd goes through
+:class:`~attnbench.impls.gpa.pytorch.GridAttention` with the kernel's forward and backward.
 
 The kernel is compiled on first use by :func:`torch.utils.cpp_extension.load` (a C++ compiler
 and ninja; about 25 s once, then loaded from torch's extension cache) with ``-march=native``
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from attnbench.impls.gpa.common import Geometry, GPABase
-from attnbench.impls.gpa.vectorised import grid_attention, low_res_inputs
+from attnbench.impls.gpa.pytorch import grid_attention, low_res_inputs
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
 
@@ -127,7 +127,7 @@ def select_keys(
     scale: float | None = None,
     with_relevance: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1 in the kernel; arguments and result as :func:`vectorised.select_keys`."""
+    """Phase 1 in the kernel; arguments and result as :func:`pytorch.select_keys`."""
     b, h, _, c = q.shape
     scale = c**-0.5 if scale is None else scale
     q_cells, k_low, bias = low_res_inputs(q, k, geom, affinity, scale)
@@ -146,7 +146,7 @@ def select_keys(
     return keys, kept.reshape(b, h, geom.m, geom.topk)
 
 
-def groups(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def fold_batch_heads(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """[B, H, N, X] tensors as contiguous [B*H, N, X], the kernel's layout."""
     return [t.reshape(-1, *t.shape[2:]).contiguous() for t in tensors]
 
@@ -159,7 +159,7 @@ def kernel_geometry(geom: Geometry, affinity: str, scale: float) -> tuple:
 def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse: bool = False):
     """Phase 2 in the kernel: the output [B, H, Nq, Cv] and the log-sum-exp (or empty)."""
     out, lse = kernel().attend(
-        *groups(q, k, v, keys), *kernel_geometry(geom, affinity, scale), with_lse
+        *fold_batch_heads(q, k, v, keys), *kernel_geometry(geom, affinity, scale), with_lse
     )
     return out.reshape(*q.shape[:3], v.shape[3]), lse
 
@@ -167,9 +167,9 @@ def attend(q, k, v, keys, geom: Geometry, affinity: str, scale: float, with_lse:
 def attend_backward(q, k, v, keys, out, lse, grad_out, geom: Geometry, affinity: str, scale):
     """Phase 2's gradients (dq, dk, dv) in the kernel, from :func:`attend`'s output and lse."""
     dq, dk, dv = kernel().attend_backward(
-        *groups(q, k, v, keys, out),
+        *fold_batch_heads(q, k, v, keys, out),
         lse.contiguous(),
-        *groups(grad_out),
+        *fold_batch_heads(grad_out),
         *kernel_geometry(geom, affinity, scale),
     )
     return dq.view_as(q), dk.view_as(k), dv.view_as(v)

@@ -28,14 +28,11 @@ import functools
 
 import torch
 
+from attnbench.impls.common import RECOMPILE_LIMIT
 from attnbench.impls.gpa.common import GPABase
-from attnbench.impls.gpa.vectorised import euclid_augment, grid_attention, select_keys
+from attnbench.impls.gpa.pytorch import euclid_augment, grid_attention, select_keys
 from attnbench.registry import register
 from attnbench.spec import AttentionSpec
-
-# Every new shape compiles again; beyond this many, fail loudly instead of falling back to
-# eager FlexAttention, which would ignore the block indices.
-RECOMPILE_LIMIT = 64
 
 
 @functools.cache

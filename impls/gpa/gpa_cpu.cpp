@@ -272,7 +272,7 @@ struct Layout {
     return ((block / kw) * d + a) * wk + (block % kw) * d;
   }
   // Where query i of cell `cell` of group g finds its log-sum-exp: [cell_rows, G, cell_cols,
-  // side^2], as the backward pass in vectorised.py (GridAttention) reads it.
+  // side^2], as the backward pass in pytorch.py (GridAttention) reads it.
   int64_t lse_offset(int64_t g, int64_t cell) const {
     return (((cell / cell_cols) * groups + g) * cell_cols + cell % cell_cols) * queries();
   }
@@ -308,7 +308,7 @@ void gather_blocks(const T* kg, const T* vg, const int64_t* kept, const Layout& 
 // Euclid, with qb pre-scaled by 2 scale: scale (2 q.k - |k|^2) = qb kb^T - knorm, knorm =
 // scale |k|^2 per key; a key whose |k|^2 is infinite has its channels in kb zeroed, so that its
 // score is 0 - inf = -inf, as -|q - k|^2 is, instead of inf - inf = NaN (euclid_keys in
-// vectorised.py).
+// pytorch.py).
 template <typename T>
 void cell_scores(const T* qb, T* kb, T* knorm, const Layout& p, bool euclid, double scale, T* sb) {
   const int64_t queries = p.queries(), n_keys = p.n_keys(), c = p.c;
