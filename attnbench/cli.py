@@ -100,8 +100,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from attnbench.results import read_rows
-    from attnbench.runner import case_ids, parse_shard, resolve_device, run_suite, summary_table
+    from attnbench.harness import is_main_process, parse_shard, run_suite
     from attnbench.suite import SuiteError, load_suites
 
     try:
@@ -132,20 +131,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             return 130
         if is_main_process():
-            ids = case_ids(suite, resolve_device(args.device or suite.device))
-            every = read_rows([path])
-            mine = [r for r in every if r.get("case_id") in ids]
-            print(f"\n## {suite.name}\n")
-            print(summary_table(mine))
-            print(f"\n{len(rows)} new rows; all rows in {path}")
-            if len(every) > len(mine):
-                print(
-                    f"note: {len(every) - len(mine)} rows in {path} belong to another "
-                    f"configuration of suite {suite.name!r} (other seeds, parameters, steps or "
-                    "options); this summary leaves them out",
-                    file=sys.stderr,
-                )
+            print_summary(suite, path, len(rows), args.device)
     return 0
+
+
+def print_summary(suite, path, new_rows: int, device: str | None) -> None:
+    """The suite's rows in its results file as a table; a note on rows of other
+    configurations of the suite that share the file."""
+    from attnbench.harness import case_ids, resolve_device
+    from attnbench.kinds import KINDS
+    from attnbench.results import read_rows
+
+    ids = case_ids(suite, resolve_device(device or suite.device))
+    every = read_rows([path])
+    mine = [r for r in every if r.get("case_id") in ids]
+    print(f"\n## {suite.name}\n")
+    print(KINDS[suite.kind].summary(mine))
+    print(f"\n{new_rows} new rows; all rows in {path}")
+    if len(every) > len(mine):
+        print(
+            f"note: {len(every) - len(mine)} rows in {path} belong to another "
+            f"configuration of suite {suite.name!r} (other seeds, parameters, steps or "
+            "options); this summary leaves them out",
+            file=sys.stderr,
+        )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -165,11 +174,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_main_process() -> bool:
-    """False on the ranks other than 0 of a torchrun launch."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from attnbench import __version__
 
@@ -181,28 +185,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"attnbench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_list_parser(sub)
+    p = sub.add_parser("validate", help="check suite files without running anything")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+    add_run_parser(sub)
+    add_report_parser(sub)
+    return parser
 
-    p = sub.add_parser(
-        "list",
-        help="list registered implementations and whether they run on this device",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+
+def subcommand(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the examples."""
+    return sub.add_parser(
+        name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def add_list_parser(sub) -> None:
+    p = subcommand(
+        sub, "list", "list registered implementations and whether they run on this device"
     )
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter (default: *)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--device", help="device type to check (default: cuda if usable, else cpu)")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("validate", help="check suite files without running anything")
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser(
-        "run",
-        help="run a suite, one result row per case",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_run_parser(sub) -> None:
+    p = subcommand(sub, "run", "run a suite, one result row per case")
     p.add_argument("suite", metavar="SUITE", help="a suite file (suites/*.yaml)")
     p.add_argument("--out", default="results/raw", help="directory of the results file")
     how = p.add_mutually_exclusive_group()
@@ -218,12 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
-        "report",
-        help="tables (Markdown, CSV) and plots (PNG) from result rows",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def add_report_parser(sub) -> None:
+    p = subcommand(sub, "report", "tables (Markdown, CSV) and plots (PNG) from result rows")
     p.add_argument(
         "--results",
         nargs="+",
@@ -234,7 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="output directory (default: results)")
     p.add_argument("--no-plots", action="store_true", help="tables and report.md only")
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from attnbench import runner
+from attnbench import harness
 from attnbench.metrics import MetricUnavailable, image_metrics, lpips_model, lpips_weights_file
 from attnbench.results import read_rows
 from attnbench.schema import TRAIN_KEYS
@@ -29,7 +29,7 @@ data: {train_size: 12, test_size: 4}
 
 
 def test_train_rows_metrics_and_grid(tmp_path, suite_from_text):
-    path, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
+    path, rows = harness.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     assert [r["label"] for r in rows] == ["none", "gpa.torch(res=16,s=2,k=12)"]
     for row in read_rows([path]):
         assert row["status"] == "ok", row["reason"]
@@ -49,7 +49,7 @@ def test_train_rows_metrics_and_grid(tmp_path, suite_from_text):
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monkeypatch):
     suite = suite_from_text(TINY.replace("  - name: gpa.torch\n", ""))
-    _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
+    _, (whole,) = harness.run_suite(suite, tmp_path / "whole", progress=False)
 
     real_save = training.save_checkpoint
     saves = []
@@ -62,10 +62,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monk
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_suite(suite, tmp_path / "cut", progress=False)
+        harness.run_suite(suite, tmp_path / "cut", progress=False)
     assert not (tmp_path / "cut" / "tiny-cpu.jsonl").exists(), "no row for an unfinished run"
     monkeypatch.setattr(training, "save_checkpoint", real_save)
-    _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
+    _, (resumed,) = harness.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
     assert saves == [3]
     for key in ("test_l1", "test_loss", "ssim", "psnr"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
@@ -73,7 +73,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monk
 
 def test_non_finite_loss_is_a_diverged_row(tmp_path, suite_from_text, monkeypatch):
     monkeypatch.setattr(training.Loss, "__call__", lambda self, p, t: (p * float("nan")).mean())
-    _, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
+    _, rows = harness.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     for row in rows:
         assert row["status"] == "diverged" and row["reason"] == "loss became nan at step 0"
 
@@ -120,7 +120,7 @@ def test_lpips_loads_weights_found_on_disk(tmp_path, monkeypatch):
 
 
 def test_rows_carry_the_copy_hit_rate_and_its_curve(tmp_path, suite_from_text):
-    _, rows = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
+    _, rows = harness.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     for row in rows:
         hits = row["copy_hit_rate"]
         assert set(hits["levels"]) == {"level0_8x8", "level1_16x16", "level2_32x32", "level3_64x64"}
@@ -136,7 +136,7 @@ def test_no_copying_at_any_level(tmp_path, suite_from_text):
     text = TINY.replace(
         "  - name: gpa.torch\n", "    generator: {small_attention: none}\n"
     ).replace("  - name: none\n", "  - name: none\n  - name: none\n")
-    _, (large_only, everywhere) = runner.run_suite(suite_from_text(text), tmp_path, progress=False)
+    _, (large_only, everywhere) = harness.run_suite(suite_from_text(text), tmp_path, progress=False)
     assert everywhere["generator"] == {"small_attention": "none"}
     assert large_only["case_id"] != everywhere["case_id"]
     levels = everywhere["copy_hit_rate"]["levels"]
@@ -161,7 +161,7 @@ def test_time_budget_stops_within_one_step_and_resumes(tmp_path, suite_from_text
     )
     suite = suite_from_text(text)
     monkeypatch.setattr(training, "clock", FakeClock())
-    _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
+    _, (whole,) = harness.run_suite(suite, tmp_path / "whole", progress=False)
     assert whole["steps"] == 6 and whole["train_time_s"] == pytest.approx(30)
     assert whole["max_steps"] == 100 and whole["budget_minutes"] == 0.5
     assert [point["step"] for point in whole["hit_curve"]] == [3, 6]
@@ -175,9 +175,9 @@ def test_time_budget_stops_within_one_step_and_resumes(tmp_path, suite_from_text
     suite = suite_from_text(text.replace("checkpoint_every: 3", "checkpoint_every: 2"))
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_suite(suite, tmp_path / "cut", progress=False)
+        harness.run_suite(suite, tmp_path / "cut", progress=False)
     monkeypatch.setattr(training, "save_checkpoint", real_save)
-    _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
+    _, (resumed,) = harness.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
     assert resumed["steps"] == 6 and resumed["train_time_s"] == pytest.approx(30)
     assert [point["step"] for point in resumed["hit_curve"]] == [2, 4, 6]
 
@@ -193,7 +193,7 @@ def test_learning_rate_schedule():
 
 def test_committed_train_case_ids_stay_valid():
     # Fields added since the committed rows were run hash only when they leave their defaults.
-    from attnbench.suite import expand_train
+    from attnbench.kinds.train.suite import expand as expand_train
 
     root = os.path.join(os.path.dirname(__file__), "..")
     rows = read_rows([os.path.join(root, "results", "raw", "copying-cpu.jsonl")])

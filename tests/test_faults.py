@@ -76,25 +76,25 @@ data: {train_size: 4, test_size: 2}
 
 
 def test_a_checkpoint_without_its_row_is_not_silently_discarded(tmp_path, suite_from_text):
-    from attnbench import runner
-    from attnbench.suite import expand_train
+    from attnbench import harness
+    from attnbench.kinds.train.suite import expand as expand_train
 
     suite = suite_from_text(TINY.replace("  - name: full.sdpa\n", ""))
-    path, _ = runner.run_suite(suite, tmp_path, progress=False)
+    path, _ = harness.run_suite(suite, tmp_path, progress=False)
     path.unlink()  # as if killed after the last checkpoint, before the row
     (case,) = expand_train(suite, "cpu")
     checkpoint = training.checkpoint_path(tmp_path, case)
     with pytest.raises(ValueError, match="pass --resume to continue from step 4 or --overwrite"):
-        runner.run_suite(suite, tmp_path, progress=False)
+        harness.run_suite(suite, tmp_path, progress=False)
     assert training.checkpoint_step(checkpoint) == 4, "the checkpoint is left as it was"
-    _, (row,) = runner.run_suite(suite, tmp_path, overwrite=True, progress=False)
+    _, (row,) = harness.run_suite(suite, tmp_path, overwrite=True, progress=False)
     assert row["status"] == "ok" and [p["step"] for p in row["hit_curve"]] == [2, 4]
 
 
 def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(
     tmp_path, suite_from_text, monkeypatch
 ):
-    from attnbench import runner
+    from attnbench import harness
 
     suite = suite_from_text(TINY)
     train_case = training.train_case
@@ -105,11 +105,11 @@ def test_retry_errors_reruns_the_failed_cases_and_keeps_the_rest(
         return train_case(case, *args, **kwargs)
 
     monkeypatch.setattr(training, "train_case", failing)
-    path, _ = runner.run_suite(suite, tmp_path, progress=False)
+    path, _ = harness.run_suite(suite, tmp_path, progress=False)
     good, bad = read_rows([path])
     assert bad["status"] == "error"
     monkeypatch.setattr(training, "train_case", train_case)
-    _, rows = runner.run_suite(suite, tmp_path, retry_errors=True, progress=False)
+    _, rows = harness.run_suite(suite, tmp_path, retry_errors=True, progress=False)
     assert [r["impl"] for r in rows] == ["full.sdpa"], "only the failed case runs again"
     assert read_rows([path]) == [good, rows[0]] and rows[0]["status"] == "ok"
 
@@ -119,8 +119,8 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path, suite_from_text):
 
     import torch
 
-    from attnbench import runner
-    from attnbench.suite import expand_train
+    from attnbench import harness
+    from attnbench.kinds.train.suite import expand as expand_train
 
     marker = tmp_path / "code-ran"
 
@@ -133,7 +133,7 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path, suite_from_text):
     checkpoint = training.checkpoint_path(tmp_path, case)
     checkpoint.parent.mkdir(parents=True)
     torch.save({"step": 2, "payload": Payload()}, checkpoint)
-    _, (row,) = runner.run_suite(suite, tmp_path, resume=True, progress=False)
+    _, (row,) = harness.run_suite(suite, tmp_path, resume=True, progress=False)
     assert row["status"] == "error" and "weights_only" in row["reason"].lower().replace(" ", "_")
     assert not marker.exists()
 
@@ -152,15 +152,15 @@ def test_commands_do_not_print_the_cuda_home_notice(command):
 
 
 def test_a_second_run_into_the_same_results_file_is_refused(tmp_path, suite_from_text):
-    from attnbench import runner
+    from attnbench import harness
 
     suite = suite_from_text(TINY)
-    path = runner.output_path(suite, "cpu", tmp_path)
+    path = harness.output_path(suite, "cpu", tmp_path)
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from attnbench.runner import results_lock"
+            "import sys, time; from pathlib import Path; from attnbench.harness import results_lock"
             "\nwith results_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n"
             "    time.sleep(120)",
             str(path),
@@ -171,12 +171,12 @@ def test_a_second_run_into_the_same_results_file_is_refused(tmp_path, suite_from
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=f"another run \\(process {holder.pid}\\)"):
-            runner.run_suite(suite, tmp_path, progress=False)
+            harness.run_suite(suite, tmp_path, progress=False)
     finally:
         holder.kill()
         holder.wait(timeout=60)
     assert not path.exists(), "the refused run wrote nothing"
-    with runner.results_lock(path):  # free again once the holder is gone
+    with harness.results_lock(path):  # free again once the holder is gone
         pass
 
 
@@ -224,7 +224,7 @@ def test_a_plugin_that_raises_on_import_is_named(tmp_path, monkeypatch):
 def test_report_skips_rows_with_wrong_types_or_statuses(tmp_path):
     import json
 
-    from attnbench import report
+    from attnbench.results import valid_rows
 
     base = next(r for r in read_rows([FIXTURE]) if r["kind"] == "micro")
     bad_type = {**base, "case_id": "b1", "time_fwd_ms": "fast"}
@@ -232,7 +232,7 @@ def test_report_skips_rows_with_wrong_types_or_statuses(tmp_path):
     results = tmp_path / "r.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in (base, bad_type, bad_status)))
     with pytest.warns(UserWarning) as caught:
-        rows = report.load([results])
+        rows = valid_rows([results])
     assert [r["case_id"] for r in rows] == [base["case_id"]]
     messages = " ".join(str(w.message) for w in caught)
     assert "row 2 skipped: not numbers: time_fwd_ms='fast'" in messages
@@ -287,14 +287,14 @@ def test_the_euclid_oracle_never_forms_all_differences_at_once(monkeypatch):
 
 
 def test_the_run_summary_says_what_the_relative_error_means():
-    from attnbench import runner
+    from attnbench.kinds import micro
 
     rows = [r for r in read_rows([FIXTURE]) if r["kind"] == "micro"]
     gaussian = {**rows[0], "inputs": "gaussian", "rel_err_out": 4.1}
     copying = {**gaussian, "inputs": "warp-copy", "copy_psnr": 18.5}
-    table = runner.summary_table([gaussian, copying])
+    table = micro.summary_table([gaussian, copying])
     assert "copy PSNR dB" in table
-    assert "18.5" in table and runner.RELATIVE_ERROR_NOTE in table
+    assert "18.5" in table and micro.RELATIVE_ERROR_NOTE in table
 
 
 def test_the_quick_suite_checks_fidelity_on_structured_inputs():

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnbench import cli, registry, runner
+from attnbench import cli, harness, measure, registry, results
 from attnbench.inputs import make_inputs
+from attnbench.kinds.micro import fidelity
+from attnbench.kinds.micro import measure as micro_measure
+from attnbench.kinds.micro.suite import expand
 from attnbench.registry import Attention, register
 from attnbench.results import append_row, read_rows
 from attnbench.schema import MICRO_KEYS, REQUIRED_KEYS
 from attnbench.spec import AttentionSpec
-from attnbench.suite import SuiteError, expand, load_suite
+from attnbench.suite import SuiteError, load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = sorted((ROOT / "suites").glob("*.yaml"))
@@ -43,7 +46,7 @@ def write(tmp_path, text, name="small.yaml"):
 
 
 def run(path, out, **kw):
-    return runner.run_suite(load_suite(path), out, progress=False, min_run_time=0.01, **kw)
+    return harness.run_suite(load_suite(path), out, progress=False, min_run_time=0.01, **kw)
 
 
 @pytest.mark.parametrize("path", SUITES, ids=[p.name for p in SUITES])
@@ -133,22 +136,22 @@ def test_existing_results_need_resume_or_overwrite(tmp_path):
 
 def test_interrupted_run_resumes_without_repeating(tmp_path, monkeypatch):
     path = write(tmp_path, SMALL)
-    measure = runner.measure_case
+    measure_case = micro_measure.measure_case
     calls = []
 
     def interrupt_third(*args, **kw):
         calls.append(args[0].case_id)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return measure(*args, **kw)
+        return measure_case(*args, **kw)
 
-    monkeypatch.setattr(runner, "measure_case", interrupt_third)
+    monkeypatch.setattr(micro_measure, "measure_case", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path)
     kept = read_rows([tmp_path / "small-cpu.jsonl"])
     assert len(kept) == 2
     calls.clear()
-    monkeypatch.setattr(runner, "measure_case", measure)
+    monkeypatch.setattr(micro_measure, "measure_case", measure_case)
     _, rows = run(path, tmp_path, resume=True)
     final = read_rows([tmp_path / "small-cpu.jsonl"])
     ids = [r["case_id"] for r in final]
@@ -165,9 +168,9 @@ def test_shards_partition_the_cases(tmp_path):
         ids.append({r["case_id"] for r in rows})
     every = {c.case_id for c in expand(load_suite(path), "cpu")}
     assert set().union(*ids) == every and sum(map(len, ids)) == len(every)
-    assert runner.parse_shard("2/4") == (2, 4)
+    assert harness.parse_shard("2/4") == (2, 4)
     with pytest.raises(ValueError, match="allowed: 1 <= i <= N"):
-        runner.parse_shard("5/4")
+        harness.parse_shard("5/4")
 
 
 def test_truncated_last_line_is_skipped_and_next_row_survives(tmp_path):
@@ -185,7 +188,7 @@ def test_truncated_last_line_is_skipped_and_next_row_survives(tmp_path):
 
 def test_predicted_oom_is_a_row_and_skips_nothing_else(tmp_path, monkeypatch):
     # Budget: 5% of 1 GiB = 51 MiB. full.naive at 64x64 needs two 64 MiB score matrices.
-    monkeypatch.setattr(runner, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(micro_measure, "available_memory", lambda device: 2**30)
     text = "implementations: [{name: full.naive}, {name: none}]\nmaps: [64]\nmemory_budget: 0.05\n"
     _, rows = run(write(tmp_path, text), tmp_path)
     naive, none = rows
@@ -280,7 +283,7 @@ def test_one_noisy_call_does_not_decide_the_time_budget(tmp_path, test_impls):
 def test_the_time_budget_applies_from_the_first_size(tmp_path, test_impls, monkeypatch):
     # No earlier size: one call at 64x64, C = 64 is 4.3 GFLOP, which at a matmul rate of
     # 1 GFLOP/s takes at least 4.3 s, over the budget of 1 s. none (no FLOPs) still runs.
-    monkeypatch.setattr(runner, "matmul_gflops", lambda **kw: 1.0)
+    monkeypatch.setattr(measure, "matmul_gflops", lambda **kw: 1.0)
     text = (
         "implementations: [{name: test.slow}, {name: none}]\nmaps: [64]\ndirections: [fwd]\n"
         "metrics: [time]\ntiming: {min_run_time: 0.01, time_budget_s: 1}\n"
@@ -316,23 +319,23 @@ def test_warp_copy_reports_copy_psnr(tmp_path):
 
 
 def test_exact_reference_is_shared_by_equal_inputs_and_equals_a_fresh_computation(monkeypatch):
-    monkeypatch.setattr(runner, "REFERENCES_KEPT", 2)
-    monkeypatch.setattr(runner, "_references", type(runner._references)())
+    monkeypatch.setattr(fidelity, "REFERENCES_KEPT", 2)
+    monkeypatch.setattr(fidelity, "_references", type(fidelity._references)())
     spec = AttentionSpec.square(6, 4, v_channels=3, heads=2)
     first = make_inputs("gaussian", spec, 0)
     again = make_inputs("gaussian", spec, 0)  # the same contents in new tensors
-    out, grad = runner.exact_reference(first.q, first.k, first.v, None, True)
-    assert runner.exact_reference(again.q, again.k, again.v, None, True)[0] is out
+    out, grad = fidelity.exact_reference(first.q, first.k, first.v, None, True)
+    assert fidelity.exact_reference(again.q, again.k, again.v, None, True)[0] is out
     q, k, v = (t.clone().requires_grad_() for t in (first.q, first.k, first.v))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    want.backward(runner.output_grad(want.shape))
+    want.backward(fidelity.output_grad(want.shape))
     torch.testing.assert_close(out, want.detach(), rtol=0, atol=0)
     torch.testing.assert_close(grad, torch.cat([t.grad.flatten() for t in (q, k, v)]))
     other = make_inputs("gaussian", spec, 1)
-    assert not torch.equal(runner.exact_reference(other.q, other.k, other.v, None, True)[0], out)
-    assert runner.exact_reference(first.q, first.k, first.v, 0.5, True)[0] is not out  # scale
+    assert not torch.equal(fidelity.exact_reference(other.q, other.k, other.v, None, True)[0], out)
+    assert fidelity.exact_reference(first.q, first.k, first.v, 0.5, True)[0] is not out  # scale
     # Two newer inputs since: the first was dropped and is computed again, equal to before.
-    recomputed = runner.exact_reference(first.q, first.k, first.v, None, True)[0]
+    recomputed = fidelity.exact_reference(first.q, first.k, first.v, None, True)[0]
     assert recomputed is not out and torch.equal(recomputed, out)
 
 
@@ -343,13 +346,13 @@ def test_methods_of_one_run_are_scored_as_if_each_ran_alone(tmp_path, monkeypatc
     )  # inputs of the same shapes: a reference looked up by shape alone would be shared
     _, rows = run(write(tmp_path, text), tmp_path)
     for row in rows:
-        monkeypatch.setattr(runner, "_references", type(runner._references)())
+        monkeypatch.setattr(fidelity, "_references", type(fidelity._references)())
         (case,) = [
             c
             for c in expand(load_suite(tmp_path / "small.yaml"), "cpu")
             if c.case_id == row["case_id"]
         ]
-        alone = runner.measure_case(case, runner.context("cpu"), None, math.inf, 0.01)
+        alone = micro_measure.measure_case(case, results.context("cpu"), None, math.inf, 0.01)
         for key in ("rel_err_out", "rel_err_grad", "copy_psnr"):
             assert row[key] == alone[key], (row["label"], row["inputs"], key)
     assert {r["inputs"] for r in rows} == {"gaussian", "smooth"} and len(rows) == 4
@@ -407,7 +410,7 @@ def test_sharper_warp_match_lets_exact_attention_copy_at_30_db():
     spec = AttentionSpec.square(64, 64, v_channels=3)
     sdpa = registry.create("full.sdpa")
     psnr = {
-        s: runner.measure_fidelity(sdpa, make_inputs("warp-match", spec, 0, s), spec, False)[
+        s: fidelity.measure_fidelity(sdpa, make_inputs("warp-match", spec, 0, s), spec, False)[
             "copy_psnr"
         ]
         for s in (1.0, 2.5, 4.0)

@@ -6,13 +6,13 @@ import sys
 import pytest
 import torch
 
-from attnbench import runner
+from attnbench import harness
 from attnbench.data import Mannequin, PosePairDataset, coordinate_map, limb_flow, random_affine
 from attnbench.generators import Discriminator
 from attnbench.metrics import MetricUnavailable, fid, fid_model, fid_weights_file
 from attnbench.results import read_rows
 from attnbench.suite import SuiteError, load_suites
-from attnbench.tasks import training
+from attnbench.tasks import distributed, training
 from attnbench.tasks.hit_rate import correspondence_points, source_points
 
 SUITES = os.path.join(os.path.dirname(__file__), "..", "suites")
@@ -167,7 +167,7 @@ def test_fid_loads_inception_weights_found_on_disk(tmp_path, monkeypatch):
 
 def test_pose_rows_metrics_and_grid(tmp_path, suite_from_text, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
-    path, (row,) = runner.run_suite(suite_from_text(TINY), tmp_path, progress=False)
+    path, (row,) = harness.run_suite(suite_from_text(TINY), tmp_path, progress=False)
     assert row["status"] == "ok", row["reason"]
     assert row["task"] == "pose" and row["task_config"]["gan"] == 0.1
     assert 0 < row["test_l1"] < 1 and row["psnr"] > 0 and row["steps"] == 4
@@ -183,7 +183,7 @@ def test_pose_rows_metrics_and_grid(tmp_path, suite_from_text, monkeypatch):
 
 def test_resumed_pose_run_equals_an_uninterrupted_one(tmp_path, suite_from_text, monkeypatch):
     suite = suite_from_text(TINY)
-    _, (whole,) = runner.run_suite(suite, tmp_path / "whole", progress=False)
+    _, (whole,) = harness.run_suite(suite, tmp_path / "whole", progress=False)
     real_save = training.save_checkpoint
 
     def save_then_die(path, state):
@@ -193,9 +193,9 @@ def test_resumed_pose_run_equals_an_uninterrupted_one(tmp_path, suite_from_text,
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        runner.run_suite(suite, tmp_path / "cut", progress=False)
+        harness.run_suite(suite, tmp_path / "cut", progress=False)
     monkeypatch.setattr(training, "save_checkpoint", real_save)
-    _, (resumed,) = runner.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
+    _, (resumed,) = harness.run_suite(suite, tmp_path / "cut", resume=True, progress=False)
     for key in ("test_l1", "test_loss", "ssim", "psnr"):
         assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
     assert resumed["copy_hit_rate"]["largest"] == pytest.approx(whole["copy_hit_rate"]["largest"])
@@ -211,14 +211,14 @@ def test_replicas_check_covers_the_discriminator(monkeypatch):
     # replicas_identical compares every network it is given, so a discriminator that differs
     # between ranks is caught (two fake ranks: all_gather hands back the other's weights).
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    monkeypatch.setattr(training, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
 
     def gather(out, flat):
         out[0].copy_(flat)
         out[1].copy_(flat + torch.tensor([0.0] * (len(flat) - 1) + [1.0]))
 
-    monkeypatch.setattr(training.dist, "all_gather", gather)
-    assert not training.replicas_identical(a, b)
+    monkeypatch.setattr(distributed.dist, "all_gather", gather)
+    assert not distributed.replicas_identical(a, b)
 
 
 def test_pose_suites_validate():

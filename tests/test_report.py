@@ -31,12 +31,17 @@ from attnbench.report.micro_tables import (
 from attnbench.report.not_run_table import not_run_table
 from attnbench.report.table import markdown_table
 from attnbench.report.tables import all_tables
-from attnbench.report.train_tables import copying_table, kappa_training_table, welch
+from attnbench.report.train_tables import kappa_training_table, task_table, welch
 from attnbench.results import REQUIRED_KEYS, machine_name, valid_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = re.compile(r"\((ms|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label ends in its unit
 FIXTURE = ROOT / "tests" / "fixtures" / "report"
+
+
+def copying_table(rows):
+    """The affine-copying task's table of ``rows``."""
+    return task_table("copying", rows)
 
 
 def base_row(kind: str, suite: str, case_id: str, impl: str, seed: int) -> dict:

@@ -36,9 +36,11 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
     """
     from attnbench.report.pictures import copying_outputs_figure, selected_keys_figure
     from attnbench.report.plots import name_for, slug
+    from attnbench.tasks import TASKS
 
     figures = []
-    train = rows[(rows["kind"] == "train") & (rows["task"] == "copying")]
+    shown = [name for name, task in TASKS.items() if task.outputs_figure]
+    train = rows[(rows["kind"] == "train") & rows["task"].isin(shown)]
     grids = train[(train["status"] == "ok") & train["grid_png_path"].notna()]
     machines = set(grids["machine"])
     for (machine, suite, *_), part in group_by(train, TRAIN_KEY):

@@ -22,14 +22,14 @@ from attnbench.report.micro_tables import (
 )
 from attnbench.report.not_run_table import not_run_table
 from attnbench.report.table import Table, prepare
-from attnbench.report.train_tables import copying_table, kappa_training_table, pose_table
+from attnbench.report.train_tables import kappa_training_table, task_tables
 
-TABLES: tuple[Callable[[pd.DataFrame], Table], ...] = (
+# Each makes one table, or a list of them (one per task).
+TABLES: tuple[Callable[[pd.DataFrame], Table | list[Table]], ...] = (
     micro_table,
     scaling_table,
     fidelity_table,
-    copying_table,
-    pose_table,
+    task_tables,
     kappa_training_table,
     kappa_fidelity_table,
     not_run_table,
@@ -39,4 +39,5 @@ TABLES: tuple[Callable[[pd.DataFrame], Table], ...] = (
 def all_tables(rows: pd.DataFrame) -> list[Table]:
     """Every table, in report order."""
     rows = prepare(rows)
-    return [make(rows) for make in TABLES]
+    made = [make(rows) for make in TABLES]
+    return [table for item in made for table in (item if isinstance(item, list) else [item])]

@@ -1,16 +1,17 @@
-"""The tables of training rows: one per task (copying, pose morphing) and GPA's κ ablation.
+"""The tables of training rows: one per task (:data:`attnbench.tasks.TASKS`) and GPA's κ
+ablation.
 
 A section holds the comparable runs of one suite, task, preset and batch on one machine
 (:data:`TRAIN_KEY`); a record is a method's metrics over seeds (:func:`seed_stats`) and their
 comparison with the references :data:`NO_ATTENTION` and :data:`BASELINE` (:func:`comparisons`).
-A task's table is a :class:`TrainTableSpec` (name, title, about text, columns) made into a
-:class:`Table` by :func:`train_table`.
+A task's table is described by the task (:attr:`attnbench.tasks.base.Task.table`: name, title,
+about text, columns) and made into a :class:`Table` by :func:`task_table`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
 
 import pandas as pd
 from scipy import stats
@@ -231,89 +232,30 @@ def train_sections(rows: pd.DataFrame, task: str) -> list[Section]:
     return sections
 
 
-@dataclass(frozen=True)
-class TrainTableSpec:
-    """The table of one task's training runs: ``name`` (the file stem under ``tables/``), the
-    ``task`` whose runs it shows, its title, about text and columns."""
-
-    name: str
-    task: str
-    title: str
-    about: str
-    cols: list[Col]
+def task_cols(spec) -> list[Col]:
+    """The columns a task's :class:`~attnbench.tasks.base.TaskTable` names, with its headers."""
+    known = {col.key: col for col in TRAIN_COLS + COMPARISON_COLS}
+    headers = dict(spec.headers)
+    return [
+        dataclasses.replace(known[key], header=headers[key]) if key in headers else known[key]
+        for key in spec.columns
+    ]
 
 
-def train_table(spec: TrainTableSpec, rows: pd.DataFrame) -> Table:
-    """``spec``'s table: one section per comparable group of its task's runs
-    (:func:`train_sections`)."""
-    return Table(spec.name, spec.title, spec.about, spec.cols, train_sections(rows, spec.task))
+def task_table(task: str, rows: pd.DataFrame) -> Table:
+    """The table of ``task``'s runs, as the task describes it: one section per comparable
+    group of its runs (:func:`train_sections`)."""
+    from attnbench.tasks import TASKS
+
+    spec = TASKS[task].table
+    return Table(spec.name, spec.title, spec.about, task_cols(spec), train_sections(rows, task))
 
 
-# --- copying ----------------------------------------------------------------------------------
+def task_tables(rows: pd.DataFrame) -> list[Table]:
+    """The table of every task that has one, in the order of :data:`attnbench.tasks.TASKS`."""
+    from attnbench.tasks import TASKS
 
-COPYING_TABLE = TrainTableSpec(
-    name="copying",
-    task="copying",
-    title="Training: copying through attention",
-    about=(
-        "Held-out metrics after training, mean ± sample standard deviation over seeds (runs "
-        "that diverged or failed are counted in 'runs ok' and left out of the means). The copy "
-        "hit rate is the share of the largest decoder level's attention mass within 1 (r=1) or "
-        "2 pixels (r=2) of each query's true source. Steps done and training time (the sum of "
-        "the steps) are means over seeds: a run with a time budget may stop before its steps. "
-        "Attention memory is the peak of the attention blocks alone at batch 1; step time is "
-        "the mean over seeds of each run's median training step. The last columns compare PSNR "
-        f"and the hit rate at r=1 with `{NO_ATTENTION}` and `{BASELINE}`: the difference of the "
-        "means and the p-value of Welch's t-test (unequal variances; empty with fewer than two "
-        "seeds on either side, or no spread on both). A method with its own generator overrides "
-        f"(such as `{NO_ATTENTION} (no copying at any level)`, the paper's NO) is a method of its "
-        "own."
-    ),
-    cols=TRAIN_COLS + COMPARISON_COLS,
-)
-
-
-def copying_table(rows: pd.DataFrame) -> Table:
-    """Held-out metrics and copy hit rates as mean ± std over seeds, their differences from
-    ``none`` and ``full.sdpa`` with Welch's t-test, steps, time and memory."""
-    return train_table(COPYING_TABLE, rows)
-
-
-# --- pose -------------------------------------------------------------------------------------
-
-POSE_TABLE = TrainTableSpec(
-    name="pose",
-    task="pose",
-    title="Training: pose morphing (the paper's Table 1)",
-    about=(
-        "Held-out metrics of G(M1, B1, B2) against M2 after training, mean ± sample standard "
-        "deviation over seeds (runs that diverged or failed are counted in 'runs ok' and left "
-        "out of the means). FID is pytorch-fid's between the generated and the real held-out "
-        "targets at the generator's resolution (biased upwards from fewer than 2,000 images: "
-        "compare values of one sample count only). The copy score is the share of the largest "
-        "decoder level's attention mass within 1 (r=1) or 2 pixels (r=2) of the source pixel "
-        "that truly shows the same point of the figure (synthetic mannequin pairs only). "
-        "Attention memory is the peak of the attention blocks alone at batch 1; step time is "
-        "the mean over seeds of each run's median training step (a generator step on the pose "
-        "pair and its self-supervision pair, and a discriminator step). The last columns "
-        f"compare PSNR and the copy score at r=1 with `{NO_ATTENTION}` and `{BASELINE}` "
-        "(difference of the means, Welch's t-test). "
-        f"`{NO_ATTENTION} (no copying at any level)` is Table 1's NO."
-    ),
-    cols=[
-        *(TRAIN_COL[k] for k in ("label", "runs", "fid", "ssim", "lpips", "psnr", "test_l1")),
-        Col("copy score r=1", "hit_r1", ".3f", std="hit_r1_std"),
-        Col("copy score r=2", "hit_r2", ".3f", std="hit_r2_std"),
-        *(TRAIN_COL[k] for k in ("attn_mib", "step_ms", "steps_done", "train_s", "n_params")),
-        *COMPARISON_COLS,
-    ],
-)
-
-
-def pose_table(rows: pd.DataFrame) -> Table:
-    """The paper's Table 1 for the pose-morphing runs: FID, SSIM, LPIPS, PSNR, the copy score,
-    attention memory and step time as mean ± std over seeds, compared with the references."""
-    return train_table(POSE_TABLE, rows)
+    return [task_table(name, rows) for name, task in TASKS.items() if task.table is not None]
 
 
 # --- κ ablation -------------------------------------------------------------------------------

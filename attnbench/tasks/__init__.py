@@ -1,7 +1,9 @@
 """Training tasks from the GPA paper (Jetchev et al. 2021): affine copying and pose morphing.
 
-Each task is a :class:`~attnbench.tasks.training.Task` (its data, losses and metrics) trained
-by the one loop of :mod:`attnbench.tasks.training`; the runner finds it here by name.
+Each task is a :class:`~attnbench.tasks.base.Task` (its settings, checks, data, losses, metrics,
+grid and report table) in its own module, trained by the one loop of
+:mod:`attnbench.tasks.training`; suites and the report find it here by name. A new task is one
+module and one entry of :data:`TASKS`.
 """
 
 from attnbench.tasks.copying import CopyingTask

@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch
 
-from attnbench.tasks.training import TEST_SEED, Task, make_source, pose_picture, write_grid
+from attnbench.tasks.base import (
+    COMPARISON_COLUMNS,
+    TEST_SEED,
+    TRAIN_COLUMNS,
+    Task,
+    TaskTable,
+    make_source,
+    pair_options,
+    pose_picture,
+    write_grid,
+)
 
 
 def save_grid(path: Path, batch: dict, output: torch.Tensor) -> None:
@@ -39,25 +49,42 @@ def warp_truth(items: list[dict], q_hw, kv_hw) -> tuple[torch.Tensor, torch.Tens
     return source_points(torch.stack([item["theta"] for item in items]), q_hw, kv_hw)
 
 
+TABLE = TaskTable(
+    "copying",
+    "Training: copying through attention",
+    "Held-out metrics after training, mean ± sample standard deviation over seeds (runs "
+    "that diverged or failed are counted in 'runs ok' and left out of the means). The copy "
+    "hit rate is the share of the largest decoder level's attention mass within 1 (r=1) or "
+    "2 pixels (r=2) of each query's true source. Steps done and training time (the sum of "
+    "the steps) are means over seeds: a run with a time budget may stop before its steps. "
+    "Attention memory is the peak of the attention blocks alone at batch 1; step time is "
+    "the mean over seeds of each run's median training step. The last columns compare PSNR "
+    "and the hit rate at r=1 with `none` and `full.sdpa`: the difference of the "
+    "means and the p-value of Welch's t-test (unequal variances; empty with fewer than two "
+    "seeds on either side, or no spread on both). A method with its own generator overrides "
+    "(such as `none (no copying at any level)`, the paper's NO) is a method of its "
+    "own.",
+    TRAIN_COLUMNS + COMPARISON_COLUMNS,
+)
+
+
 class CopyingTask(Task):
     """Affine copying: L_self on (M, B) -> (τ(M), τ(B)) pairs of one image."""
 
     name = "copying"
+    table = TABLE
+    outputs_figure = True
     truth = staticmethod(warp_truth)
 
     def datasets(self, size):
         from attnbench.data import AffineCopyDataset
 
-        data = self.suite.data
-        source = make_source(self.suite, size)
-        pairs = {"sigma": data.sigma, "noise": data.noise, "coords": data.pose == "heatmaps+coords"}
+        data = self.case.data
+        source = make_source(data, size)
         return (
-            AffineCopyDataset(source, data.train_size, seed=self.case.seed, **pairs),
-            AffineCopyDataset(source, data.test_size, seed=TEST_SEED, **pairs),
+            AffineCopyDataset(source, data.train_size, seed=self.case.seed, **pair_options(data)),
+            AffineCopyDataset(source, data.test_size, seed=TEST_SEED, **pair_options(data)),
         )
-
-    def setup(self, model, loss_fn) -> None:
-        self.loss_fn = loss_fn
 
     def generator_loss(self, net, batch: dict, step: int) -> torch.Tensor:
         out = net(batch["source"], batch["source_pose"], batch["target_pose"])

@@ -21,22 +21,98 @@ source pixel that truly shows the same point of the figure (:meth:`Mannequin.cor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 from attnbench.data.pose import NUM_KEYPOINTS
-from attnbench.tasks.training import (
+from attnbench.suite import CONFIG, PositiveInt
+from attnbench.tasks.base import (
+    COMPARISON_COLUMNS,
     PAIR_KEYS,
     TEST_SEED,
     Task,
-    average_gradients,
+    TaskTable,
     make_source,
+    pair_options,
     pose_picture,
     write_grid,
 )
+from attnbench.tasks.distributed import average_gradients
+
+
+@dataclass(frozen=True, config=CONFIG)
+class GanConfig:
+    """The pose task's adversarial loss L_GAN: a StyleGAN2-style discriminator on (image, pose).
+
+    Non-saturating logistic loss; the lazy R1 penalty (gamma / 2 times the squared gradient of
+    the real logits by the real images) every ``r1_every`` steps, scaled by ``r1_every``; its
+    own Adam (``lr``, betas ``betas``). ``channels``: the discriminator's block widths from the
+    full-resolution block down (one per halving to 4x4).
+    """
+
+    lr: Annotated[float, Field(gt=0)] = 2e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.0,
+        0.99,
+    )
+    r1_gamma: Annotated[float, Field(ge=0)] = 1.0
+    r1_every: PositiveInt = 16
+    channels: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (32, 64, 128, 128)
+
+
+@dataclass(frozen=True, config=CONFIG)
+class PoseConfig:
+    """The pose task's loss weights: L = perceptual L_per(G(M1, B1, B2), M2) + self L_self
+    (the affine self-supervision of M1) + gan L_GAN. L_per and L_self use the suite's
+    ``loss`` (l1, lpips or a weighted sum); a weight of 0 leaves its term out."""
+
+    perceptual: Annotated[float, Field(ge=0)] = 1.0
+    self: Annotated[float, Field(ge=0)] = 1.0
+    gan: Annotated[float, Field(ge=0)] = 0.05
+    discriminator: GanConfig = GanConfig()
+
+
+TABLE = TaskTable(
+    "pose",
+    "Training: pose morphing (the paper's Table 1)",
+    "Held-out metrics of G(M1, B1, B2) against M2 after training, mean ± sample standard "
+    "deviation over seeds (runs that diverged or failed are counted in 'runs ok' and left "
+    "out of the means). FID is pytorch-fid's between the generated and the real held-out "
+    "targets at the generator's resolution (biased upwards from fewer than 2,000 images: "
+    "compare values of one sample count only). The copy score is the share of the largest "
+    "decoder level's attention mass within 1 (r=1) or 2 pixels (r=2) of the source pixel "
+    "that truly shows the same point of the figure (synthetic mannequin pairs only). "
+    "Attention memory is the peak of the attention blocks alone at batch 1; step time is "
+    "the mean over seeds of each run's median training step (a generator step on the pose "
+    "pair and its self-supervision pair, and a discriminator step). The last columns "
+    "compare PSNR and the copy score at r=1 with `none` and `full.sdpa` "
+    "(difference of the means, Welch's t-test). "
+    "`none (no copying at any level)` is Table 1's NO.",
+    (
+        "label",
+        "runs",
+        "fid",
+        "ssim",
+        "lpips",
+        "psnr",
+        "test_l1",
+        "hit_r1",
+        "hit_r2",
+        "attn_mib",
+        "step_ms",
+        "steps_done",
+        "train_s",
+        "n_params",
+        *COMPARISON_COLUMNS,
+    ),  # fmt: skip
+    headers=(("hit_r1", "copy score r=1"), ("hit_r2", "copy score r=2")),
+)
+
 
 SELF_KEYS = ("self_target", "self_target_pose")
 
@@ -52,31 +128,49 @@ class PoseTask(Task):
     """Pose morphing: (M1, B1, B2) -> M2, with L_per + L_self + L_GAN."""
 
     name = "pose"
+    Config = PoseConfig
+    table = TABLE
     batch_keys = PAIR_KEYS + SELF_KEYS
 
-    def __init__(self, case, suite, device) -> None:
-        from attnbench.suite import PoseConfig
-
-        super().__init__(case, suite, device)
-        self.weights = PoseConfig(**json.loads(case.task_config))
+    def __init__(self, case) -> None:
+        super().__init__(case)
+        self.weights = case.task_config
         # Only the mannequin knows where each target pixel comes from.
-        self.truth = correspondence_truth if suite.data.source == "mannequin" else None
+        self.truth = correspondence_truth if case.data.source == "mannequin" else None
         self.discriminator = None
+
+    @classmethod
+    def check(cls, suite, file: str) -> list[str]:
+        """Pose pairs exist in the data; some loss weight is not 0."""
+        problems = []
+        data = suite.data
+        if data.source == "folder":
+            problems.append(
+                f"{file}: data.source: 'folder' has no poses to morph between (allowed for task "
+                "pose: mannequin, deepfashion with data.pairs)"
+            )
+        if data.source == "deepfashion":
+            for key in ("pairs", "test_pairs"):
+                if getattr(data, key) is None:
+                    problems.append(f"{file}: data.{key}: required for task pose with DeepFashion")
+        weights = suite.pose or PoseConfig()
+        if not (weights.perceptual or weights.self or weights.gan):
+            problems.append(f"{file}: pose: every loss weight is 0 (allowed: at least one > 0)")
+        return problems
 
     def datasets(self, size):
         from attnbench.data import PosePairDataset
 
-        data = self.suite.data
-        pairs = {"sigma": data.sigma, "noise": data.noise, "coords": data.pose == "heatmaps+coords"}
+        data = self.case.data
         return (
             PosePairDataset(
-                make_source(self.suite, size), data.train_size, seed=self.case.seed, **pairs
+                make_source(data, size), data.train_size, seed=self.case.seed, **pair_options(data)
             ),
             PosePairDataset(
-                make_source(self.suite, size, held_out=True),
+                make_source(data, size, held_out=True),
                 data.test_size,
                 seed=TEST_SEED,
-                **pairs,
+                **pair_options(data),
             ),
         )
 
@@ -159,7 +253,7 @@ class PoseTask(Task):
         from attnbench.metrics import FID_BIAS_SAMPLES, MetricUnavailable, fid
 
         try:
-            value = fid(pred, target, batch=self.suite.eval_batch, device=self.device)
+            value = fid(pred, target, batch=self.case.evaluation.eval_batch, device=self.device)
         except MetricUnavailable as err:
             return {"fid": None, "fid_samples": None}, [f"fid: {err}"]
         notes = []
