@@ -37,10 +37,13 @@ TRAIN_DETAIL_KEYS = (  # the run's configuration as it was trained
     "preset", "batch", "lr", "loss", "data", "generator", "budget_minutes", "max_steps",
     "schedule", "warmup_steps", "temperature_lr", "grid_png",
 )  # fmt: skip
+TRAIN_DISCOVERY_KEYS = (  # when the run learnt to copy (hit_curve holds the curves)
+    "steps_to_copy", "time_to_copy_s",
+)  # fmt: skip
 TRAIN_OPTIONAL_KEYS = (  # keys a train row has where they apply
     "task_config", "fid_samples", "hit_curve", "world_size", "replicas_identical",
 )  # fmt: skip
-NUMBER_KEYS = frozenset(MICRO_KEYS + TRAIN_KEYS) - {"task", "copy_hit_rate"}
+NUMBER_KEYS = frozenset(MICRO_KEYS + TRAIN_KEYS + TRAIN_DISCOVERY_KEYS) - {"task", "copy_hit_rate"}
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ SCHEMAS = {
     ),
     "train": KindSchema(
         "train",
-        TRAIN_KEYS + TRAIN_DETAIL_KEYS,
+        TRAIN_KEYS + TRAIN_DETAIL_KEYS + TRAIN_DISCOVERY_KEYS,
         required=(),
-        numbers=NUMBER_KEYS & set(TRAIN_KEYS),
+        numbers=NUMBER_KEYS & set(TRAIN_KEYS + TRAIN_DISCOVERY_KEYS),
         optional=TRAIN_OPTIONAL_KEYS,
     ),
 }

@@ -118,7 +118,10 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
         if runs.empty:
             continue
         points = pd.json_normalize(list(runs["hit_curve"])).assign(method=list(runs["method"]))
-        points = points.dropna(subset=["step", "largest"])
+        points = points.reindex(
+            columns=[*points.columns.drop("largest", errors="ignore"), "largest"]
+        )
+        points = points.dropna(subset=["step", "largest"])  # curves of PSNR alone: no hit rate
         if points.empty:
             continue
         methods = list(dict.fromkeys(points["method"]))  # report order

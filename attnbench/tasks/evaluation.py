@@ -9,6 +9,7 @@ from attnbench.tasks.base import PAIR_KEYS, Task, Truth
 from attnbench.tasks.optim import Loss
 
 HIT_RATE_MAX_ENTRIES = 1 << 24  # Nq x Nk of the largest level scored (64x64 maps: 4096²)
+COPY_THRESHOLD = 0.5  # a run copies once its largest level's r=1 hit rate reaches this
 
 
 def collate(items: list[dict], device: str, keys: tuple[str, ...] = PAIR_KEYS) -> dict:
@@ -55,6 +56,47 @@ def evaluate(model, test_set, task: Task, loss_fn: Loss, eval_batch: int, device
     extra, extra_notes = task.metrics(pred, target)
     model.train()
     return result | extra | {"notes": notes + extra_notes}, first
+
+
+@torch.no_grad()
+def held_out_psnr(model, test_set, task: Task, eval_batch: int, device: str) -> float:
+    """PSNR (dB, images in [0, 1]) of the generator's outputs on the whole held-out set, as
+    the final evaluation computes it."""
+    from attnbench.metrics import image_metrics
+
+    was_training = model.training
+    model.eval()
+    preds, targets = [], []
+    for start in range(0, len(test_set), eval_batch):
+        items = [test_set[i] for i in range(start, min(start + eval_batch, len(test_set)))]
+        batch = collate(items, device, task.batch_keys)
+        out = model(batch["source"], batch["source_pose"], batch["target_pose"])
+        preds.append(out.clamp(0, 1).cpu())
+        targets.append(batch["target"].cpu())
+    model.train(was_training)
+    return image_metrics(torch.cat(preds), torch.cat(targets))["psnr"]
+
+
+def first_copy(curve: list[dict], threshold: float = COPY_THRESHOLD):
+    """``(steps_to_copy, time_to_copy_s, note)``: the step and training time of the first
+    evaluation of ``curve`` at which the largest level's r=1 hit rate reaches ``threshold``
+    (a crossing between two evaluations is located at the later one); ``(None, None, why)``
+    where no evaluation does."""
+    scored = [point for point in curve if point.get("largest") is not None]
+    for point in scored:
+        if point["largest"] >= threshold:
+            return point["step"], point["time_s"], None
+    if not scored:
+        return None, None, "steps_to_copy: no evaluation scored the largest level's hit rate"
+    best = max(scored, key=lambda point: point["largest"])
+    return (
+        None,
+        None,
+        (
+            f"steps_to_copy: the largest level's hit rate stayed below {threshold:g} in "
+            f"{len(scored)} evaluations (highest {best['largest']:.3f} at step {best['step']})"
+        ),
+    )
 
 
 @torch.no_grad()

@@ -32,7 +32,13 @@ from attnbench import registry
 from attnbench.kinds.train.suite import TrainCase, generator_config
 from attnbench.tasks.base import Task
 from attnbench.tasks.distributed import replicas_identical, world
-from attnbench.tasks.evaluation import collate, copy_hit_rates, evaluate
+from attnbench.tasks.evaluation import (
+    collate,
+    copy_hit_rates,
+    evaluate,
+    first_copy,
+    held_out_psnr,
+)
 from attnbench.tasks.memory import attention_memory, unsupported_blocks
 from attnbench.tasks.optim import LearningRate, Loss, parameter_groups
 
@@ -178,15 +184,16 @@ def train_step(run: Run, schedule: LearningRate) -> float:
 
 
 def checkpoint(run: Run, path: Path) -> None:
-    """Record the copy hit rate on the first held-out pairs, and save the run (rank 0)."""
-    case = run.case
-    if run.task.truth is not None:
-        every = case.evaluation
-        hits = copy_hit_rates(
-            run.model, run.test_set, every.hit_samples, every.eval_batch, case.device,
-            run.task.truth,
-        )  # fmt: skip
-        run.curve.append({"step": run.step, "time_s": run.elapsed, **hits})
+    """Evaluate on the way — the held-out PSNR and, where the task knows the true sources, the
+    copy hit rate on the first held-out pairs — and save the run (rank 0)."""
+    case, task, every = run.case, run.task, run.case.evaluation
+    point = {"step": run.step, "time_s": run.elapsed}
+    point["psnr"] = held_out_psnr(run.model, run.test_set, task, every.eval_batch, case.device)
+    if task.truth is not None:
+        point |= copy_hit_rates(
+            run.model, run.test_set, every.hit_samples, every.eval_batch, case.device, task.truth
+        )
+    run.curve.append(point)
     if world()[0] == 0:
         save_checkpoint(path, run.state())
 
@@ -238,6 +245,8 @@ def finish(run: Run, row: dict, out_dir: Path) -> None:
         row["copy_hit_rate"] = copy_hit_rates(
             run.model, run.test_set, len(run.test_set), every.eval_batch, case.device, task.truth
         )
+        row["steps_to_copy"], row["time_to_copy_s"], note = first_copy(run.curve)
+        notes += [note] if note else []
     times = run.step_times
     row.update(
         steps=run.step,
