@@ -35,7 +35,7 @@ from attnbench.report.train_tables import kappa_training_table, task_table, welc
 from attnbench.results import REQUIRED_KEYS, machine_name, valid_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-UNIT = re.compile(r"\((ms|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label ends in its unit
+UNIT = re.compile(r"\((ms|s|MiB|1|dB|pixels|tokens|count)\)$")  # an axis label ends in its unit
 FIXTURE = ROOT / "tests" / "fixtures" / "report"
 
 
@@ -359,7 +359,7 @@ def test_cli_report_writes_tables_and_names_a_missing_path(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "tables" / "micro.md").exists()
-    assert "118 rows" in ok.stdout
+    assert "130 rows" in ok.stdout
     bad = subprocess.run(
         cmd + ["--results", str(tmp_path / "nope")], capture_output=True, text=True
     )
@@ -506,3 +506,101 @@ def test_fidelity_keeps_warp_match_sharpnesses_apart():
         "warp-match inputs, sharpness 4",
     ]
     assert [len(ax.collections[0].get_offsets()) for ax in fig.axes] == [1, 3, 3]
+
+
+# --- the discovery table: calibrated time and the equal-time reading ----------------------------
+
+
+def discovery_row(impl: str, seed: int, hits: list, psnrs: list, suite="d", **extra) -> dict:
+    """A run evaluated every 100 steps with these hit rates and PSNRs (steps_to_copy as the
+    row would have it)."""
+    curve = [
+        {"step": 100 * (i + 1), "time_s": 1.0 * i, "largest": h, "psnr": p}
+        for i, (h, p) in enumerate(zip(hits, psnrs))
+    ]
+    first = next((c["step"] for c in curve if c["largest"] >= 0.5), None)
+    row = train_row(impl, seed, 0.1, hit_curve=curve, steps_to_copy=first, psnr=psnrs[-1])
+    return row | {"suite": suite, "case_id": f"{suite}-{impl}-{seed}", "steps": len(hits) * 100}
+
+
+def calibration_row(impl: str, step_s: float) -> dict:
+    return train_row(impl, 0, 0.1, step_time_s=step_s) | {
+        "suite": "d-step-time",
+        "case_id": f"cal-{impl}",
+    }
+
+
+def test_discovery_time_axis_is_steps_times_the_calibrated_step_time():
+    from attnbench.report.discovery import discovery_table
+
+    # full.sdpa: 0.5 s a step (calibrated), 400 steps -> 200 s; gpa.cpp: 0.1 s a step, 400
+    # steps -> 40 s. Their own step_time_s (0.5 in train_row) is not what the axis uses.
+    rows = [calibration_row("full.sdpa", 0.5), calibration_row("gpa.cpp", 0.1)]
+    for seed in (0, 1):
+        rows.append(discovery_row("full.sdpa", seed, [0.0, 0.1, 0.6, 0.9], [20, 21, 24, 26]))
+        rows.append(discovery_row("gpa.cpp", seed, [0.0, 0.7, 0.9, 0.9], [20, 25, 27, 28]))
+    (section,) = discovery_table(rows).sections
+    assert section.context["equal_time_s"] == pytest.approx(40.0), "gpa.cpp's end: 400 x 0.1 s"
+    full, gpa = records(section)
+    assert full["label"] == "full.sdpa" and full["step_ms"] == pytest.approx(500)
+    assert full["steps_to_copy"] == 300 and full["time_to_copy"] == pytest.approx(150.0)
+    assert gpa["steps_to_copy"] == 200 and gpa["time_to_copy"] == pytest.approx(20.0)
+    assert full["copied"] == gpa["copied"] == "2/2"
+    # At T = 40 s full.sdpa is at step 80, before its first evaluation (step 100): no reading.
+    assert pd.isna(full["psnr_t"]) and gpa["psnr_t"] == pytest.approx(28.0)
+    assert section.notes[0].startswith("T = 40 s")
+    assert "suite 'd-step-time'" in section.notes[1]
+
+
+def test_discovery_reads_each_run_at_T_between_its_evaluations():
+    from attnbench.report.discovery import discovery_table
+
+    # Calibrated 0.1 s and 0.2 s a step: full.sdpa reaches 400 x 0.1 = 40 s, none 300 x 0.2 =
+    # 60 s, so T = 40 s, where none is at step 200 exactly (PSNR 21 and 22 in two seeds) and
+    # full.sdpa at its end (PSNR 26 and 27).
+    rows = [calibration_row("full.sdpa", 0.1), calibration_row("none", 0.2)]
+    rows += [discovery_row("none", s, [0.0, 0.0, 0.0], [20, 21 + s, 22]) for s in (0, 1)]
+    rows += [
+        discovery_row("full.sdpa", s, [0.1, 0.2, 0.4, 0.45], [20, 22, 24, 26 + s]) for s in (0, 1)
+    ]
+    (section,) = discovery_table(rows).sections
+    none, full = records(section)
+    assert section.context["equal_time_s"] == pytest.approx(40.0)
+    assert none["steps_t"] == pytest.approx(200) and none["psnr_t"] == pytest.approx(21.5)
+    assert none["psnr_t_std"] == pytest.approx(statistics.stdev([21, 22]))
+    assert full["psnr_t"] == pytest.approx(26.5) and full["copied"] == "0/2"
+    assert pd.isna(full["steps_to_copy"])
+    # Halfway between two evaluations the reading is halfway between their values.
+    rows = [calibration_row("full.sdpa", 0.1), calibration_row("none", 0.25)]
+    rows += [discovery_row("none", s, [0.0, 0.0, 0.0], [20, 22, 24]) for s in (0, 1)]
+    rows += [discovery_row("full.sdpa", s, [0.1] * 4, [20, 22, 24, 26]) for s in (0, 1)]
+    none, full = records(discovery_table(rows).sections[0])
+    assert none["steps_t"] == pytest.approx(160) and none["psnr_t"] == pytest.approx(21.2)
+    assert pd.isna(full["psnr_t_p_vs_full"]), "the reference is not tested against itself"
+
+
+def test_discovery_without_calibration_uses_the_runs_own_step_time():
+    from attnbench.report.discovery import discovery_table
+
+    rows = [discovery_row("none", s, [0.0, 0.0], [20, 21]) for s in (0, 1)]
+    (section,) = discovery_table(rows).sections
+    (none,) = records(section)
+    assert none["step_ms"] == pytest.approx(500), "train_row's own step time"
+    assert "no calibration suite 'd-step-time'" in section.notes[1]
+    assert discovery_table([train_row("none", 0, 0.1)]).sections == [], "no curves: no section"
+
+
+def test_discovery_figure_marks_T_and_labels_its_axes(tmp_path):
+    from attnbench.report.plots import discovery_curves
+
+    rows = [calibration_row("full.sdpa", 0.5), calibration_row("gpa.cpp", 0.1)]
+    for seed in (0, 1):
+        rows.append(discovery_row("full.sdpa", seed, [0.0, 0.1, 0.6, 0.9], [20, 21, 24, 26]))
+        rows.append(discovery_row("gpa.cpp", seed, [0.0, 0.7, 0.9, 0.9], [20, 25, 27, 28]))
+    ((name, figure),) = discovery_curves(rows)
+    assert name == "d-time-curves"
+    hit, psnr = figure.axes[:2]
+    for ax in (hit, psnr):
+        assert UNIT.search(ax.get_xlabel()) and UNIT.search(ax.get_ylabel())
+        assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--"] == [40.0]
+    figure.savefig(tmp_path / "d.png")

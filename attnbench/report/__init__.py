@@ -34,6 +34,7 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
 
     A grid PNG that is missing or unreadable is left out with a warning.
     """
+    from attnbench.report.discovery import is_calibration
     from attnbench.report.pictures import copying_outputs_figure, selected_keys_figure
     from attnbench.report.plots import name_for, slug
     from attnbench.tasks import TASKS
@@ -44,6 +45,8 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
     grids = train[(train["status"] == "ok") & train["grid_png_path"].notna()]
     machines = set(grids["machine"])
     for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
+        if is_calibration(suite):
+            continue
         entries = []
         for method, first in train_methods(part).iterrows():
             runs = grids[grids.set_index(["impl", "params_text", "generator_text"]).index == method]

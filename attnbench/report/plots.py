@@ -16,6 +16,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from attnbench.report.discovery import is_calibration
 from attnbench.report.micro_tables import (
     SERIES,
     micro_rows,
@@ -77,6 +78,8 @@ def memory_vs_l1(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
     for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
+        if is_calibration(suite):
+            continue
         runs = labelled_runs(part).dropna(subset=["test_l1", "attn_mem_bytes"])
         if runs.empty:
             continue
@@ -114,6 +117,8 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
     for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
+        if is_calibration(suite):
+            continue
         runs = labelled_runs(part).explode("hit_curve").dropna(subset=["hit_curve"])
         if runs.empty:
             continue
@@ -372,7 +377,55 @@ def fidelity_vs_memory(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     return figures
 
 
-PLOTS = (memory_vs_l1, hit_curve, scaling, kappa, fidelity_vs_memory)
+def discovery_curves(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """Hit rate and held-out PSNR against calibrated training time, per method (mean ± sd over
+    seeds), with the equal time T of the discovery table marked."""
+    from attnbench.report.discovery import calibration, curve_points, equal_time, has_curves
+
+    figures = []
+    train = train_rows(prepare(rows))
+    machines = train.groupby("suite")["machine"].agg(set)
+    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
+        if is_calibration(suite) or not has_curves(part):
+            continue
+        points = curve_points(part, calibration(train, part)[0]).dropna(subset=["time"])
+        if points.empty:
+            continue
+        methods = train_methods(part)
+        labels = dict(zip(map(tuple, methods.index), methods["method"]))
+        points = points.assign(label=points["method"].map(labels))
+        order = [m for m in methods["method"] if m in set(points["label"])]
+        fig = discovery_figure(points, order, equal_time(points))
+        fig.suptitle(f"{suite}: learning to copy against training time\n{machine}", fontsize=10)
+        figures.append((name_for(f"{slug(suite)}-time-curves", machine, machines[suite]), fig))
+    return figures
+
+
+def discovery_figure(points: pd.DataFrame, order: list[str], at: float | None) -> Figure:
+    """Two panels over calibrated time: the largest level's hit rate and the held-out PSNR."""
+    with sns.axes_style(STYLE):
+        fig = new_figure(11, 4.5)
+        axes = fig.subplots(1, 2, sharex=True)
+        panels = (
+            ("hit", "copy hit rate, largest level, r = 1 px; mean ± sd over seeds (1)"),
+            ("psnr", "held-out PSNR; mean ± sd over seeds (dB)"),
+        )
+        for ax, (key, label) in zip(axes, panels):
+            sns.lineplot(
+                points.dropna(subset=[key]), x="time", y=key, hue="label", hue_order=order,
+                style="label", style_order=order, markers=True, dashes=False,
+                palette=palette(len(order)), errorbar="sd", ax=ax, legend=ax is axes[-1],
+            )  # fmt: skip
+            if at is not None:
+                ax.axvline(at, color="0.3", linestyle="--", linewidth=1)
+                ax.annotate("T", (at, 1.0), xycoords=("data", "axes fraction"), ha="left")
+            ax.set_xlabel("training time, steps x calibrated step time (s)")
+            ax.set_ylabel(label)
+        sns.move_legend(axes[-1], **LEGEND)
+    return fig
+
+
+PLOTS = (memory_vs_l1, hit_curve, discovery_curves, scaling, kappa, fidelity_vs_memory)
 
 
 def all_plots(rows: pd.DataFrame) -> list[tuple[str, Figure]]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from attnbench.report.discovery import discovery_table
 from attnbench.report.micro_tables import (
     fidelity_table,
     kappa_fidelity_table,
@@ -30,6 +31,7 @@ TABLES: tuple[Callable[[pd.DataFrame], Table | list[Table]], ...] = (
     scaling_table,
     fidelity_table,
     task_tables,
+    discovery_table,
     kappa_training_table,
     kappa_fidelity_table,
     not_run_table,
