@@ -11,6 +11,7 @@ from attnbench.impls import (
     none,
     nystrom,
     performer,
+    routed,
     window,
     xformers_mea,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "none",
     "nystrom",
     "performer",
+    "routed",
     "window",
     "xformers_mea",
 ]
