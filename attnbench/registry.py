@@ -290,6 +290,20 @@ class Attention:
         """The [B, H, Nq, Nk] attention matrix for validated inputs (see :meth:`weights`)."""
         raise UnsupportedError(self.label, ["this implementation exposes no attention weights"])
 
+    def kept_keys(
+        self, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec
+    ) -> torch.Tensor | None:
+        """[B, H, Nq, Nk] bool: the keys each query attends to, for methods that keep a subset
+        of them (GPA, its relatives, the local attentions); every key for exact attention;
+        None for methods that weigh every key approximately or none (Nyström, Performer,
+        ``none``). Validated inputs, no gradient; meant for small inputs, like :meth:`weights`.
+        """
+        if not self.EXACT:
+            return None
+        return torch.ones(
+            spec.batch, spec.heads, spec.q_tokens, spec.kv_tokens, dtype=torch.bool, device=q.device
+        )
+
     def timed_parts(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
     ) -> dict[str, Callable[[], object]]:

@@ -29,6 +29,9 @@ MICRO_DETAIL_KEYS = (  # what else a micro row says about its case and its timin
     "time_fwdbwd_first_ms", "time_phase1_ms", "mem_predicted_bytes", "warnings", "time_fwd_runs",
     "time_fwdbwd_runs",
 )  # fmt: skip
+MICRO_RECALL_KEYS = (  # the share of exact attention's mass on the kept keys: mean, worst 10%
+    "attn_recall", "attn_recall_p10",
+)  # fmt: skip
 TRAIN_KEYS = (  # the train metrics of the design's row format
     "task", "steps", "train_time_s", "step_time_s", "test_l1", "test_loss", "ssim", "psnr",
     "lpips", "fid", "attn_mem_bytes", "n_params", "copy_hit_rate",
@@ -43,7 +46,10 @@ TRAIN_DISCOVERY_KEYS = (  # when the run learnt to copy (hit_curve holds the cur
 TRAIN_OPTIONAL_KEYS = (  # keys a train row has where they apply
     "task_config", "fid_samples", "hit_curve", "world_size", "replicas_identical",
 )  # fmt: skip
-NUMBER_KEYS = frozenset(MICRO_KEYS + TRAIN_KEYS + TRAIN_DISCOVERY_KEYS) - {"task", "copy_hit_rate"}
+NUMBER_KEYS = frozenset(MICRO_KEYS + MICRO_RECALL_KEYS + TRAIN_KEYS + TRAIN_DISCOVERY_KEYS) - {
+    "task",
+    "copy_hit_rate",
+}
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,9 @@ class KindSchema:
 SCHEMAS = {
     "micro": KindSchema(
         "micro",
-        MICRO_KEYS + MICRO_DETAIL_KEYS,
+        MICRO_KEYS + MICRO_DETAIL_KEYS + MICRO_RECALL_KEYS,
         required=("q_h", "q_w", "kv_h", "kv_w", "channels", "batch", "heads"),
-        numbers=NUMBER_KEYS & set(MICRO_KEYS),
+        numbers=NUMBER_KEYS & set(MICRO_KEYS + MICRO_RECALL_KEYS),
     ),
     "train": KindSchema(
         "train",

@@ -142,9 +142,13 @@ class WindowAttention(Attention):
             out = out.reshape(*out.shape[:2], *hw, out.shape[-1]).roll((shift, shift), dims=(2, 3))
         return out.reshape(spec.batch, spec.heads, spec.q_tokens, spec.v_channels)
 
+    def kept_keys(self, q, k, spec):
+        mask = window_mask(spec.q_hw, self.params["window"], self.params["shift"], q.device)
+        return mask.expand(spec.batch, spec.heads, -1, -1)  # (B, H, N, N)
+
     def dense_weights(self, q, k, spec):
         # Softmax over each query's window, zeros elsewhere.
-        mask = window_mask(spec.q_hw, self.params["window"], self.params["shift"], q.device)
+        mask = self.kept_keys(q, k, spec)
         scale = softmax_scale(self.params["scale"], spec.channels)
         scores = scale * torch.matmul(q, k.transpose(-2, -1))  # (B, H, N, N)
         return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)

@@ -253,10 +253,12 @@ ERROR_COLS = [
     Col("relative error (output)", "rel_err_out", ".3g"),
     Col("relative error (input gradients)", "rel_err_grad", ".3g"),
     Col("copy PSNR dB", "copy_psnr", ".2f"),
+    Col("attention recall", "attn_recall", ".3f"),
+    Col("recall, worst 10% of queries", "attn_recall_p10", ".3f"),
 ]
 SHARPNESS_COL = Col("sharpness", "sharpness", "g")  # warp-match's s; left out elsewhere
 FIDELITY_COLS = [*CASE_COLS, SHARPNESS_COL, *ERROR_COLS]
-ERRORS = ["sharpness", "rel_err_out", "rel_err_grad", "copy_psnr"]
+ERRORS = ["sharpness", "rel_err_out", "rel_err_grad", "copy_psnr", "attn_recall", "attn_recall_p10"]
 FIDELITY_KEY = ["machine", "suite", "dtype", "inputs"]
 
 

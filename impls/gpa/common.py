@@ -236,11 +236,15 @@ class GPABase(Attention):
 
         return select_keys(q, k, geom, self.params["affinity"], scale)
 
+    def kept_keys(self, q, k, spec):
+        # Every query keeps the d x d blocks of its cell's κ low-res keys.
+        geom = self.geometry(spec)
+        return kept_key_mask(self.select_keys(q, k, geom, self.scale_for(spec.channels)), geom)
+
     def dense_weights(self, q, k, spec):
         # Phase 2's softmax over each cell's kept keys, scattered over all keys (zeros elsewhere).
-        geom = self.geometry(spec)
         scale = self.scale_for(spec.channels)
-        mask = kept_key_mask(self.select_keys(q, k, geom, scale), geom)  # (B, H, Nq, Nk)
+        mask = self.kept_keys(q, k, spec)  # (B, H, Nq, Nk)
         if self.params["affinity"] == "dot":
             scores = scale * torch.matmul(q, k.transpose(-2, -1))  # (B, H, Nq, Nk)
         else:

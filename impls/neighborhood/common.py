@@ -114,11 +114,15 @@ class NeighbourhoodBase(Attention):
             parts.append(f"scale={p['scale']:g}")
         return f"{self.name}({','.join(parts)})"
 
+    def kept_keys(self, q, k, spec):
+        p = self.params
+        mask = neighbourhood_mask(spec.q_hw, p["kernel"], p["dilation"], q.device)  # (N, N)
+        return mask.expand(spec.batch, spec.heads, -1, -1)
+
     def dense_weights(self, q, k, spec):
         # Softmax over each query's kernel² keys, zeros elsewhere.
-        p = self.params
-        mask = neighbourhood_mask(spec.q_hw, p["kernel"], p["dilation"], q.device)
-        scale = softmax_scale(p["scale"], spec.channels)
+        mask = self.kept_keys(q, k, spec)
+        scale = softmax_scale(self.params["scale"], spec.channels)
         scores = scale * torch.matmul(q, k.transpose(-2, -1))  # (B, H, N, N)
         return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 

@@ -83,9 +83,12 @@ class RoutedBase(Attention):
         kept = self.kept(q, k, spec)
         return attend(q, k, v, kept, self.grid(spec), self.scale_for(spec))
 
+    def kept_keys(self, q, k, spec: AttentionSpec) -> torch.Tensor:
+        return kept_mask(self.kept(q, k, spec), self.grid(spec), spec.heads)
+
     def dense_weights(self, q, k, spec: AttentionSpec) -> torch.Tensor:
         # Phase 2's softmax over each query's kept keys, zeros elsewhere.
-        mask = kept_mask(self.kept(q, k, spec), self.grid(spec), spec.heads)
+        mask = self.kept_keys(q, k, spec)
         scores = self.scale_for(spec) * torch.matmul(q, k.transpose(-2, -1))
         return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 

@@ -72,8 +72,41 @@ def exact_reference(q, k, v, scale, with_grad: bool):
     return _references[key]
 
 
+RECALL_BLOCK_ELEMS = 1 << 24  # exact probabilities per step of the recall (128 MiB in fp64)
+WORST_SHARE = 0.1  # attn_recall_p10: the mean recall of this share of queries, the worst
+
+
+def attention_recall(mask: torch.Tensor, q, k, scale: float | None) -> tuple[float, float]:
+    """The share of exact attention's probability mass on the kept keys ``mask`` [B, H, Nq,
+    Nk]: its mean over queries, and its mean over the worst :data:`WORST_SHARE` of queries.
+    Exact probabilities in float64 (q, k: fp64 CPU), a band of queries at a time."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    band = max(1, RECALL_BLOCK_ELEMS // (q.shape[0] * q.shape[1] * k.shape[2]))
+    recalls = []
+    for start in range(0, q.shape[2], band):
+        probs = (scale * q[:, :, start : start + band] @ k.transpose(-2, -1)).softmax(dim=-1)
+        kept = mask[:, :, start : start + band].to(probs.device)
+        recalls.append((probs * kept).sum(dim=-1).flatten())
+    recall = torch.cat(recalls)
+    worst = recall.sort().values[: max(1, int(WORST_SHARE * len(recall)))]
+    return recall.mean().item(), worst.mean().item()
+
+
+def measure_recall(impl, args, inputs, spec: AttentionSpec) -> dict:
+    """``attn_recall`` and ``attn_recall_p10`` of a method that keeps a subset of keys; null
+    with a note for one that does not."""
+    with torch.no_grad():
+        mask = impl.kept_keys(*(t.detach() for t in args[:2]), spec)
+    if mask is None:
+        note = f"attn_recall: {impl.name} keeps no subset of the keys (it weighs them all)"
+        return {"attn_recall": None, "attn_recall_p10": None, "notes": [note]}
+    mean, worst = attention_recall(mask, inputs.q, inputs.k, impl.params.get("scale"))
+    return {"attn_recall": mean, "attn_recall_p10": worst, "notes": []}
+
+
 def measure_fidelity(impl, inputs, spec: AttentionSpec, with_grad: bool) -> dict:
-    """Errors of outputs (and input gradients) against exact fp64 attention on the CPU."""
+    """Errors of outputs (and input gradients) against exact fp64 attention on the CPU, the
+    copy PSNR of warp inputs, and the attention recall (:func:`measure_recall`)."""
     ref, ref_grad = exact_reference(
         inputs.q, inputs.k, inputs.v, impl.params.get("scale"), with_grad
     )
@@ -90,4 +123,4 @@ def measure_fidelity(impl, inputs, spec: AttentionSpec, with_grad: bool) -> dict
         out.backward(output_grad(ref.shape).to(device=spec.device, dtype=spec.dtype))
         got = torch.cat([t.grad.double().cpu().flatten() for t in args])
         result["rel_err_grad"] = relative_error(got, ref_grad)
-    return result
+    return result | measure_recall(impl, args, inputs, spec)

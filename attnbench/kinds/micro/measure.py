@@ -24,7 +24,10 @@ from attnbench.measure import MIN_RUNS, Timing, peak_memory, time_call
 from attnbench.results import new_row
 from attnbench.spec import AttentionSpec
 
-FINITE_KEYS = ("rel_err_out", "rel_err_grad", "copy_psnr", "peak_fraction", "gflops_fwd")
+FINITE_KEYS = (
+    "rel_err_out", "rel_err_grad", "copy_psnr", "peak_fraction", "gflops_fwd", "attn_recall",
+    "attn_recall_p10",
+)  # fmt: skip
 
 
 def case_spec(case: MicroCase, requires_grad: bool = False) -> AttentionSpec:
@@ -198,7 +201,9 @@ def measure_case(
         if backward and {"time", "memory"} & set(case.metrics):
             measure_backward(impl, qkv, spec, case.metrics, timer, row)
         if "fidelity" in case.metrics:
-            row.update(measure_fidelity(impl, inputs, spec, backward))
+            fidelity = measure_fidelity(impl, inputs, spec, backward)
+            notes += fidelity.pop("notes")
+            row.update(fidelity)
     except Exception as err:  # a failing case becomes a row; the run goes on
         record_failure(row, err)
     if notes and row["status"] == "ok":
