@@ -8,7 +8,9 @@ reason is in ``reason``.
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
+import math
 import os
 import subprocess
 import warnings
@@ -188,12 +190,47 @@ def row_problem(row) -> str | None:
     ]
     if wrong:
         return f"not numbers: {', '.join(wrong)}"
+    infinite = [
+        f"{key}={row[key]!r}"
+        for key in schema.keys
+        if key in schema.numbers and row.get(key) is not None and not math.isfinite(row[key])
+    ]
+    if infinite:  # NaN, Infinity or a literal beyond float range: a metric is a number or null
+        listed = ", ".join(infinite)
+        return f"not finite numbers (a metric that could not be computed is null): {listed}"
     return None
 
 
-def valid_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """The result rows of every ``*.jsonl`` file in ``paths`` (files or directories), each file
-    once, as dicts.
+Paths = str | os.PathLike | Iterable[str | os.PathLike]
+
+
+def results_files(paths: Paths) -> list[Path]:
+    """The results files ``paths`` names, each once, in order: a path, a Path, a glob
+    (``runs/*-cpu.jsonl``) or a list of them, as pandas' readers take; a directory stands for
+    its ``*.jsonl``.
+
+    Raises:
+        FileNotFoundError: a path (or glob) that matches nothing, or no results file at all.
+    """
+    names = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    files: list[Path] = []
+    for name in names:
+        path = Path(name)
+        matches = [path] if path.exists() else [Path(m) for m in sorted(glob.glob(str(name)))]
+        if not matches:
+            raise FileNotFoundError(f"results path {str(name)!r} does not exist")
+        for match in matches:
+            for file in sorted(match.glob("*.jsonl")) if match.is_dir() else [match]:
+                if file.resolve() not in [f.resolve() for f in files]:
+                    files.append(file)
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl results file in {', '.join(map(str, names))}")
+    return files
+
+
+def valid_rows(paths: Paths) -> list[dict]:
+    """The result rows of every ``*.jsonl`` file in ``paths`` (:func:`results_files`), each
+    file once, as dicts.
 
     A row's ``grid_png`` (relative to its results file) is resolved into ``grid_png_path``.
     A line that is not a row (:func:`row_problem`: not an object, an unknown ``kind`` or
@@ -204,16 +241,8 @@ def valid_rows(paths: Iterable[str | os.PathLike]) -> list[dict]:
         FileNotFoundError: a path that does not exist, or no results file at all.
         ValueError: the files hold no rows.
     """
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"results path {str(p)!r} does not exist")
-        for file in sorted(p.glob("*.jsonl")) if p.is_dir() else [p]:
-            if file.resolve() not in [f.resolve() for f in files]:
-                files.append(file)
-    if not files:
-        raise FileNotFoundError(f"no *.jsonl results file in {', '.join(map(str, paths))}")
     rows = []
+    files = results_files(paths)
     for file in files:
         for number, row in enumerate(read_rows([file]), 1):
             problem = row_problem(row)
@@ -288,8 +317,9 @@ def frame(rows: list[dict], kind: str | None = None) -> pd.DataFrame:
     return newest.sort_index().reset_index(drop=True)
 
 
-def load(paths: Iterable[str | os.PathLike], kind: str | None = None) -> pd.DataFrame:
-    """Every result row of ``paths`` (files or directories of ``*.jsonl``) as a DataFrame.
+def load(paths: Paths, kind: str | None = None) -> pd.DataFrame:
+    """Every result row of ``paths`` (a file or directory of ``*.jsonl``, a glob, or a list of
+    them: :func:`results_files`) as a DataFrame.
 
     Rows are validated as by :func:`valid_rows` (lines that are not rows are skipped with a
     warning). One column per key; ``params`` becomes one ``params.<name>`` column per

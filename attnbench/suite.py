@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -35,6 +36,79 @@ from pydantic.dataclasses import dataclass
 
 CONFIG = ConfigDict(extra="forbid", strict=False)
 PositiveInt = Annotated[int, Field(ge=1)]
+MAX_VALUES = 100_000  # values a suite may expand to once its YAML aliases are resolved
+MAX_SHOWN = 200  # characters of a bad value an error message shows
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a suite name is a file-name part
+
+
+class SuiteLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the
+    last value and drop the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def expanded_size(value, sizes: dict | None = None) -> int:
+    """How many values ``value`` holds with every alias expanded (shared objects counted at
+    each place they appear), computed once per object."""
+    sizes = {} if sizes is None else sizes
+    if id(value) in sizes:
+        return sizes[id(value)]
+    children = value.values() if isinstance(value, dict) else value
+    size = 1
+    if isinstance(value, dict | list):
+        size += sum(expanded_size(child, sizes) for child in children)
+    sizes[id(value)] = size
+    return size
+
+
+def read_yaml(path: Path) -> list:
+    """The documents of a YAML file, with duplicate keys and alias bombs refused."""
+    try:
+        documents = list(yaml.load_all(path.read_text(), Loader=SuiteLoader))
+    except OSError as err:
+        raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
+    except UnicodeDecodeError as err:
+        raise SuiteError([not_text(path, err)]) from err
+    except yaml.YAMLError as err:
+        raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
+    size = expanded_size(documents)
+    if size > MAX_VALUES:
+        raise SuiteError(
+            [
+                f"{path}: expands to {size:,} values once its aliases are resolved (allowed: at "
+                f"most {MAX_VALUES:,}; aliases nested within aliases multiply)"
+            ]
+        )
+    return [d for d in documents if d is not None]
+
+
+def shown(value) -> str:
+    """``repr(value)``, cut to :data:`MAX_SHOWN` characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(text):,} characters)"
+
+
+def check_name(name, where: str) -> None:
+    """A suite's name becomes its results file's name: letters, digits, '.', '_', '-' only."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or set(name) == {"."}:
+        raise SuiteError(
+            [
+                f"{where}: name: {shown(name)} cannot name a results file (allowed: letters, "
+                "digits, '.', '_' and '-', starting with a letter or digit, at most 100 "
+                "characters)"
+            ]
+        )
 
 
 class SuiteError(ValueError):
@@ -143,7 +217,7 @@ def _format_pydantic(file: str, root: type, err: ValidationError) -> list[str]:
             problems.append(f"{file}: {_loc_text(loc)}: required key is missing")
         else:
             given = e.get("input")
-            problems.append(f"{file}: {_loc_text(loc)}: {e['msg']} (got {given!r})")
+            problems.append(f"{file}: {_loc_text(loc)}: {e['msg']} (got {shown(given)})")
     return problems
 
 
@@ -153,14 +227,8 @@ def not_text(path: Path, err: UnicodeDecodeError) -> str:
 
 def _read_mapping(path: Path) -> dict:
     """The single YAML mapping in ``path``."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
-    except UnicodeDecodeError as err:
-        raise SuiteError([not_text(path, err)]) from err
-    except yaml.YAMLError as err:
-        raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
+    documents = read_yaml(path)
+    data = documents[0] if len(documents) == 1 else documents or None
     if not isinstance(data, dict):
         raise SuiteError([f"{path}: (top level): must be a mapping of keys to values"])
     return data
@@ -185,14 +253,7 @@ def _resolve_includes(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> di
 def load_suites(path: str | Path) -> list:
     """Every suite in ``path``: one per YAML document (``---`` separates them)."""
     path = Path(path)
-    try:
-        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except OSError as err:
-        raise SuiteError([f"{path}: cannot be read ({err.strerror})"]) from err
-    except UnicodeDecodeError as err:
-        raise SuiteError([not_text(path, err)]) from err
-    except yaml.YAMLError as err:
-        raise SuiteError([f"{path}: not valid YAML: {err}"]) from err
+    documents = read_yaml(path)
     if len(documents) <= 1:
         return [load_suite(path)]
     suites, problems = [], []
@@ -226,6 +287,7 @@ def build_suite(data: dict, path: str):
     SuiteError."""
     from attnbench.kinds import KINDS
 
+    check_name(data.get("name"), path)
     name = data.get("kind", "micro")
     if name not in KINDS:
         raise SuiteError(

@@ -303,3 +303,125 @@ def test_the_quick_suite_checks_fidelity_on_structured_inputs():
     suites = load_suites(Path(__file__).parents[1] / "suites" / "quick.yaml")
     structured = [s for s in suites if s.kind == "micro" and "warp-copy" in s.inputs]
     assert structured and "fidelity" in structured[0].metrics
+
+
+# --- path handling: a suite's name is a file name, results paths are what they say ----------
+
+
+@pytest.mark.parametrize("name", ["../victim", "/tmp/victim", "a/b", "..", "", "x" * 101])
+def test_a_suite_name_that_is_no_file_name_is_refused_before_anything_is_written(tmp_path, name):
+    from attnbench.suite import SuiteError, load_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: {name!r}\nimplementations: [{{name: none}}]\nmaps: [8]\n")
+    with pytest.raises(SuiteError, match="cannot name a results file"):
+        load_suite(suite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_results_load_takes_a_path_a_string_a_glob_or_a_list(tmp_path):
+    import shutil
+
+    from attnbench.results import load
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copy(FIXTURE / "rows.jsonl", runs / "a-cpu.jsonl")
+    expected = len(load([runs]))
+    assert len(load(str(runs))) == len(load(runs)) == len(load(str(runs / "*-cpu.jsonl")))
+    assert len(load(runs)) == expected > 0
+    (tmp_path / "sub").mkdir()
+    parent = tmp_path / "sub" / ".."  # the parent folder, not the folder "." of the string's dots
+    with pytest.raises(FileNotFoundError, match="no \\*.jsonl results file"):
+        load(str(parent))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(str(tmp_path / "none-*.jsonl"))
+
+
+# --- YAML loading: duplicate keys and alias bombs -------------------------------------------
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    from attnbench.suite import SuiteError, load_suites
+
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "implementations: [{name: none}]\nmaps: [8]\nimplementations: [{name: full.sdpa}]\n"
+    )
+    with pytest.raises(SuiteError, match=r"duplicate key 'implementations' \(first at line 1\)"):
+        load_suites(path)
+
+
+def test_an_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    import time
+
+    from attnbench.suite import SuiteError, load_suite
+
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    lines += ["channels: [*a7, *a7]", "implementations: [{name: none}]", "maps: [8]"]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert time.perf_counter() - start < 30, "refused before anything expands the aliases"
+    sizes = [10]  # a list of 9 numbers: itself and its values
+    for _ in range(7):
+        sizes.append(1 + 9 * sizes[-1])
+    # the documents, the mapping, a0..a7, channels (two a7), implementations (3), maps (2)
+    total = 2 + sum(sizes) + 1 + 2 * sizes[-1] + 3 + 2
+    assert f"expands to {total:,} values" in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_long_bad_value_is_cut_in_the_message(tmp_path):
+    from attnbench.suite import SuiteError, load_suite
+
+    path = tmp_path / "long.yaml"
+    path.write_text(f"implementations: [{{name: none}}]\nmaps: [8]\nseed: '{'x' * 5000}'\n")
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert "... (5,002 characters)" in str(err.value) and len(str(err.value)) < 600
+
+
+# --- row validation: numbers are finite or null ---------------------------------------------
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_row_with_a_non_finite_number_is_skipped_with_a_warning(tmp_path, literal):
+    import json
+
+    from attnbench.results import valid_rows
+
+    base = next(r for r in read_rows([FIXTURE / "rows.jsonl"]) if r["kind"] == "micro")
+    bad = json.dumps({**base, "case_id": "bad", "time_fwd_ms": 0.0}).replace(
+        '"time_fwd_ms": 0.0', f'"time_fwd_ms": {literal}'
+    )
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(base) + "\n" + bad + "\n")
+    with pytest.warns(UserWarning, match="row 2 skipped: not finite numbers .*time_fwd_ms"):
+        rows = valid_rows(path)
+    assert [r["case_id"] for r in rows] == [base["case_id"]]
+
+
+# --- report output: only files it wrote, each whole -----------------------------------------
+
+
+def test_the_report_removes_only_the_plots_it_wrote_before(tmp_path):
+    from attnbench.report import write_report
+    from attnbench.results import valid_rows
+
+    rows = valid_rows(FIXTURE / "rows.jsonl")
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "mine.png").write_bytes(b"a user's own picture")
+    written = write_report(rows, tmp_path)
+    names = {p.name for p in written if p.suffix == ".png"}
+    assert (plots / "mine.png").read_bytes() == b"a user's own picture"
+    fewer = [r for r in rows if r["kind"] == "micro"]
+    write_report(fewer, tmp_path)
+    left = {p.name for p in plots.glob("*.png")}
+    assert "mine.png" in left, "a file the report did not write is never removed"
+    gone = names - {p.name for p in write_report(fewer, tmp_path) if p.suffix == ".png"}
+    assert gone and not gone & left, "the plots of rows that are gone are removed"
+    assert not list(tmp_path.rglob("*.partial")), "every file written whole"

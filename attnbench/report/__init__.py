@@ -4,7 +4,8 @@
 
 - ``tables/<name>.md`` and ``tables/<name>.csv`` for every table of :mod:`.tables`,
 - ``plots/<name>.png`` for every plot of :mod:`.plots` and the pictures of :mod:`.pictures`
-  (PNGs of an earlier report in that folder that this one does not write are removed),
+  (the PNGs an earlier report wrote there, listed in ``plots/.attnbench-plots``, that this one
+  does not write are removed; nothing else in the folder is touched),
 - ``report.md``: every table and plot on one page.
 
 The same rows always give byte-identical tables and ``report.md`` (rows are sorted by content,
@@ -14,6 +15,7 @@ the report).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -105,8 +107,45 @@ def report_markdown(rows: pd.DataFrame, tables: list[Table], plot_names: list[st
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+MANIFEST = ".attnbench-plots"  # in plots/: the PNG names the last report wrote there
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, renamed over it), so an
+    interrupted report or a full disk never leaves half a table."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_plots(rows: pd.DataFrame, plot_dir: Path) -> tuple[list[str], list[Path]]:
+    """Every figure as ``plot_dir/<name>.png``; the PNGs an earlier report wrote there (its
+    manifest) that this one does not are removed, and no other file is touched."""
+    from attnbench.report.plots import all_plots
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    figures = all_plots(rows) + picture_figures(rows)
+    names = unique([name for name, _ in figures])
+    written = []
+    for name, (_, figure) in zip(names, figures):
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110, metadata={"Software": None})
+        write_atomic(plot_dir / f"{name}.png", png.getvalue())
+        written.append(plot_dir / f"{name}.png")
+    manifest = plot_dir / MANIFEST
+    earlier = manifest.read_text().split() if manifest.exists() else []
+    for stale in sorted(set(earlier) - set(names)):
+        (plot_dir / f"{stale}.png").unlink(missing_ok=True)  # a plot whose rows are gone
+    write_atomic(manifest, "".join(f"{name}\n" for name in sorted(names)))
+    return names, written
+
+
 def write_report(rows, out: str | os.PathLike, plots: bool = True) -> list[Path]:
-    """Write tables (Markdown and CSV), plots (PNG) and ``report.md`` under ``out``.
+    """Write tables (Markdown and CSV), plots (PNG) and ``report.md`` under ``out``, each file
+    atomically; nothing else under ``out`` is changed.
 
     Args:
         rows: the frame of :func:`attnbench.results.load` (or rows as dicts).
@@ -122,23 +161,13 @@ def write_report(rows, out: str | os.PathLike, plots: bool = True) -> list[Path]
     for table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             path = out / "tables" / f"{table.name}{suffix}"
-            path.write_text(text, encoding="utf-8")
+            write_atomic(path, text)
             written.append(path)
     plot_names = []
     if plots:
-        from attnbench.report.plots import all_plots
-
-        plot_dir = out / "plots"
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        figures = all_plots(rows) + picture_figures(rows)
-        plot_names = unique([name for name, _ in figures])
-        for name, (_, figure) in zip(plot_names, figures):
-            path = plot_dir / f"{name}.png"
-            figure.savefig(path, dpi=110, metadata={"Software": None})
-            written.append(path)
-        for stale in sorted(set(plot_dir.glob("*.png")) - set(written)):
-            stale.unlink()  # a plot of an earlier report whose rows are gone
+        plot_names, pngs = write_plots(rows, out / "plots")
+        written += pngs
     report = out / "report.md"
-    report.write_text(report_markdown(rows, tables, plot_names), encoding="utf-8")
+    write_atomic(report, report_markdown(rows, tables, plot_names))
     written.append(report)
     return written
