@@ -143,7 +143,7 @@ def print_summary(suite, path, new_rows: int, device: str | None) -> None:
     from attnbench.results import read_rows
 
     ids = case_ids(suite, resolve_device(device or suite.device))
-    every = read_rows([path])
+    every = read_rows([path]) if path.exists() else []  # a shard with no cases writes none
     mine = [r for r in every if r.get("case_id") in ids]
     print(f"\n## {suite.name}\n")
     print(KINDS[suite.kind].summary(mine))

@@ -140,8 +140,8 @@ class AttentionSpec:
             kv_tokens=k.shape[2],
             channels=c,
             v_channels=v.shape[3],
-            q_hw=None if q_hw is None else tuple(q_hw),
-            kv_hw=None if kv_hw is None else tuple(kv_hw),
+            q_hw=map_shape("q_hw", q_hw),
+            kv_hw=map_shape("kv_hw", kv_hw),
             dtype=q.dtype,
             device=q.device.type,
             requires_grad=torch.is_grad_enabled()
@@ -175,3 +175,15 @@ class AttentionSpec:
         """
         per_head = 2 * self.q_tokens * self.kv_tokens * (self.channels + self.v_channels)
         return self.batch * self.heads * per_head
+
+
+def map_shape(field: str, hw) -> HW | None:
+    """``hw`` as a (height, width) tuple; ValueError naming ``field`` for what is not a pair."""
+    if hw is None:
+        return None
+    try:
+        return tuple(hw)
+    except TypeError:
+        raise ValueError(
+            f"{field}={hw!r} is not allowed (allowed: (height, width), ints >= 1)"
+        ) from None

@@ -425,3 +425,33 @@ def test_the_report_removes_only_the_plots_it_wrote_before(tmp_path):
     gone = names - {p.name for p in write_report(fewer, tmp_path) if p.suffix == ".png"}
     assert gone and not gone & left, "the plots of rows that are gone are removed"
     assert not list(tmp_path.rglob("*.partial")), "every file written whole"
+
+
+# --- messages where a traceback was ----------------------------------------------------------
+
+
+def test_a_shard_without_cases_is_a_summary_not_a_traceback(tmp_path, capsys):
+    from attnbench import cli
+
+    suite = tmp_path / "one.yaml"
+    suite.write_text("implementations: [{name: none}]\nmaps: [8]\nmetrics: [memory]\n")
+    code = cli.main(["run", str(suite), "--out", str(tmp_path / "o"), "--shard", "2/2"])
+    assert code == 0 and "0 new rows" in capsys.readouterr().out
+
+
+def test_a_map_shape_that_is_no_pair_is_named():
+    import torch
+
+    x = torch.randn(1, 1, 64, 8)
+    with pytest.raises(ValueError, match=r"q_hw=8 is not allowed \(allowed: \(height, width\)"):
+        registry.create("full.sdpa")(x, x, x, q_hw=8, kv_hw=(8, 8))
+
+
+def test_the_cpu_allocator_failing_is_out_of_memory():
+    from attnbench.kinds.base import record_failure
+
+    row = {"status": "ok", "reason": None}
+    err = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 68719476736 bytes.")  # fmt: skip
+    record_failure(row, err)
+    assert row["status"] == "oom" and "68719476736 bytes" in row["reason"]

@@ -82,7 +82,7 @@ def record_failure(row: dict, err: BaseException) -> None:
 
     from attnbench.registry import UnsupportedError
 
-    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+    if isinstance(err, torch.OutOfMemoryError | MemoryError) or cpu_out_of_memory(err):
         row.update(status="oom", reason=f"{type(err).__name__}: {err}".strip())
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
@@ -90,6 +90,13 @@ def record_failure(row: dict, err: BaseException) -> None:
         row.update(status="unsupported", reason="; ".join(err.reasons))
     else:
         row.update(status="error", reason=f"{type(err).__name__}: {err}")
+
+
+def cpu_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch's CPU allocator failing (a RuntimeError, not a MemoryError)."""
+    return isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(
+        err
+    )
 
 
 def markdown_records(records: list[dict], floatfmt: str) -> str:
