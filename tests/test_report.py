@@ -604,3 +604,11 @@ def test_discovery_figure_marks_T_and_labels_its_axes(tmp_path):
         assert UNIT.search(ax.get_xlabel()) and UNIT.search(ax.get_ylabel())
         assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--"] == [40.0]
     figure.savefig(tmp_path / "d.png")
+
+
+def test_a_time_only_suite_of_three_maps_gets_its_plot(tmp_path):
+    # Memory not measured: the legend goes with the time panel (seaborn had no legend to move).
+    rows = [micro_row(impl, side, 0.1 * side, None) for impl in ("none", "full.sdpa")
+            for side in (8, 16, 32)]  # fmt: skip
+    written = write_report(rows, tmp_path)
+    assert [p.name for p in written if p.suffix == ".png"] == ["s-time-memory-c64.png"]

@@ -165,10 +165,11 @@ def scaling_panel(
     measured = part[part["status"] == "ok"]
     not_run = part[part["status"] != "ok"]
     points = measured[measured[key] > 0]
-    sns.lineplot(
-        points, x="tokens", y=key, hue="method", hue_order=methods,
-        palette=colours, marker="o", ax=ax, legend=legend,
-    )  # fmt: skip
+    if not points.empty:
+        sns.lineplot(
+            points, x="tokens", y=key, hue="method", hue_order=methods,
+            palette=colours, marker="o", ax=ax, legend=legend,
+        )  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     if not not_run.empty:
@@ -201,11 +202,19 @@ def scaling_figure(curve: tuple, part: pd.DataFrame) -> Figure:
             (axes[0], "time", "forward time, median (ms)"),
             (axes[1], "memory", "forward peak memory above the inputs (MiB)"),
         )
+        # The legend goes with the last panel that has points (a suite may measure time or
+        # memory alone).
+        measured = [k for _, k, _ in panels if part.loc[~not_run, k].gt(0).any()]
+        legend_ax = next((ax for ax, k, _ in reversed(panels) if k in measured), axes[1])
         for ax, key, ylabel in panels:
-            scaling_panel(ax, part, key, ylabel, methods, colours, legend=ax is axes[1])
-        axes[0].set_title("forward time")
-        axes[1].set_title("forward memory" + ("; X: not run" if not_run.any() else ""))
-        sns.move_legend(axes[1], **LEGEND)
+            scaling_panel(ax, part, key, ylabel, methods, colours, legend=ax is legend_ax)
+        axes[0].set_title("forward time" + ("" if "time" in measured else ": not measured"))
+        axes[1].set_title(
+            ("forward memory" if "memory" in measured else "forward memory: not measured")
+            + ("; X: not run" if not_run.any() else "")
+        )
+        if measured:
+            sns.move_legend(legend_ax, **LEGEND)
         suite_text, _, machine_text = series_heading(curve).partition(" — ")
         fig.suptitle(f"time and memory against tokens: {suite_text}\n{machine_text}", fontsize=11)
     return fig
