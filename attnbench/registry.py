@@ -370,12 +370,25 @@ def register(name: str, *, override: bool = False) -> Callable[[type[Attention]]
                 f"implementation {name!r} is already registered by "
                 f"{old.__module__}.{old.__qualname__}; pass override=True to replace it"
             )
+        if old is not None and not same_definition:
+            warnings.warn(
+                f"implementation {name!r} of {old.__module__}.{old.__qualname__} is replaced by "
+                f"{cls.__module__}.{cls.__qualname__} (override=True): its rows measure the "
+                "replacement and name it in impl_class",
+                stacklevel=2,
+            )
         family, _, backend = name.partition(".")
         cls.name, cls.family, cls.backend = name, family, backend or "torch"
         _REGISTRY[name] = cls
         return cls
 
     return decorate
+
+
+def class_path(name: str) -> str:
+    """``module.Class`` of the implementation registered as ``name``."""
+    cls = get(name)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def unregister(name: str) -> None:
@@ -387,7 +400,10 @@ def _load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Attention) and not obj.name:
+            # A class registers under the entry point's name unless it registered itself (a
+            # subclass of a built-in inherits the built-in's name, not its registration).
+            registered = "name" in vars(obj) and _REGISTRY.get(obj.name) is obj
+            if isinstance(obj, type) and issubclass(obj, Attention) and not registered:
                 register(ep.name)(obj)
         except Exception as err:
             warnings.warn(

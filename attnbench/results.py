@@ -86,9 +86,21 @@ def new_row(case, kind: str, ctx: dict, dtype: str) -> dict:
         "dtype": dtype,
         "timestamp": None,
         "seed": case.seed,
+        "impl_class": impl_class(case.impl),
     }
     row.update(dict.fromkeys(SCHEMAS[kind].keys))
     return row
+
+
+def impl_class(name: str) -> str | None:
+    """The class that implements ``name`` (``module.Class``), so that a row says which code it
+    measured even where a plugin replaced a built-in; None for a name not registered."""
+    from attnbench import registry
+
+    try:
+        return registry.class_path(name)
+    except ValueError:
+        return None
 
 
 def now() -> str:

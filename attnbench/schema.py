@@ -18,6 +18,7 @@ REQUIRED_KEYS = (
     "timestamp", "seed",
 )  # fmt: skip
 MACHINE_KEYS = ("device", "device_name", "threads", "torch_version")  # one machine column
+COMMON_OPTIONAL_KEYS = ("impl_class",)  # module.Class of the implementation measured
 
 MICRO_KEYS = (  # the micro metrics of the design's row format
     "batch", "heads", "q_h", "q_w", "kv_h", "kv_w", "channels", "time_fwd_ms",
@@ -74,13 +75,14 @@ SCHEMAS = {
         MICRO_KEYS + MICRO_DETAIL_KEYS + MICRO_RECALL_KEYS,
         required=("q_h", "q_w", "kv_h", "kv_w", "channels", "batch", "heads"),
         numbers=NUMBER_KEYS & set(MICRO_KEYS + MICRO_RECALL_KEYS),
+        optional=COMMON_OPTIONAL_KEYS,
     ),
     "train": KindSchema(
         "train",
         TRAIN_KEYS + TRAIN_DETAIL_KEYS + TRAIN_DISCOVERY_KEYS,
         required=(),
         numbers=NUMBER_KEYS & set(TRAIN_KEYS + TRAIN_DISCOVERY_KEYS),
-        optional=TRAIN_OPTIONAL_KEYS,
+        optional=COMMON_OPTIONAL_KEYS + TRAIN_OPTIONAL_KEYS,
     ),
 }
 DERIVED_KEYS = ("grid_png_path",)  # added when rows are read: the grid PNG's path on this machine

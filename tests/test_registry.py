@@ -52,9 +52,11 @@ def test_duplicate_name_is_an_error(scratch_name):
         class Second(Attention):
             pass
 
-    @register(scratch_name, override=True)
-    class Third(Attention):
-        pass
+    with pytest.warns(UserWarning, match="is replaced by"):
+
+        @register(scratch_name, override=True)
+        class Third(Attention):
+            pass
 
     assert registry.get(scratch_name) is Third
 
@@ -274,3 +276,48 @@ def test_entry_point_registration(tmp_path, fresh_python):
     assert any(
         "plugin 'demo.broken'" in w and "demo_attn_plugin_missing" in w for w in result["warnings"]
     )
+
+
+def test_replacing_an_implementation_warns_and_rows_name_the_replacement(scratch_name):
+    from attnbench.results import impl_class
+
+    @register(scratch_name)
+    class Original(Attention):
+        pass
+
+    assert impl_class(scratch_name).endswith("Original")
+    with pytest.warns(UserWarning, match="is replaced by .*Replacement \\(override=True\\)"):
+
+        @register(scratch_name, override=True)
+        class Replacement(Attention):
+            pass
+
+    assert impl_class(scratch_name).endswith("Replacement")
+    assert impl_class("no.such") is None
+
+
+SUBCLASS_PLUGIN = """
+from attnbench.impls.full import SDPAttention
+
+class Faster(SDPAttention):
+    pass
+"""
+
+
+def test_an_entry_point_subclass_of_a_builtin_registers_under_its_own_name(tmp_path, fresh_python):
+    (tmp_path / "faster_plugin.py").write_text(SUBCLASS_PLUGIN)
+    dist = tmp_path / "faster_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: faster-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[attnbench.impls]\ndemo.faster = faster_plugin:Faster\n"
+    )
+    code = (
+        "from attnbench import registry\n"
+        "print(registry.get('demo.faster').__name__, registry.get('full.sdpa').__name__)\n"
+    )
+    import os
+
+    proc = fresh_python(code, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["Faster", "SDPAttention"]
