@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 EXAMPLES = """\
@@ -124,12 +125,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(err, file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             print(
                 f"\ninterrupted: every finished case is in {args.out}; run again with --resume",
                 file=sys.stderr,
             )
-            return 130
+            return exit_code(err)
         if is_main_process():
             print_summary(suite, path, len(rows), args.device)
     return 0
@@ -243,10 +244,27 @@ def add_report_parser(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a run ends the way Ctrl-C ends it: its worker
+    processes shut down (the executors' exits wait for them) and finished rows stay."""
+
+
+def terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def exit_code(err: KeyboardInterrupt) -> int:
+    """The shell's convention: 128 + the signal's number (SIGTERM 143, SIGINT 130)."""
+    return 143 if isinstance(err, Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # start-up included: a message, not a traceback
+    except KeyboardInterrupt as err:  # start-up included: a message, not a traceback
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return exit_code(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

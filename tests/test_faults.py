@@ -455,3 +455,44 @@ def test_the_cpu_allocator_failing_is_out_of_memory():
                        "allocate memory: you tried to allocate 68719476736 bytes.")  # fmt: skip
     record_failure(row, err)
     assert row["status"] == "oom" and "68719476736 bytes" in row["reason"]
+
+
+# --- process lifetime: no child outlives a run ----------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_ends_a_run_and_its_workers_with_code_143(tmp_path):
+    import os
+    import signal
+    import time
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "attnbench", "run", str(suite), "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd + ["--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    workers: set[int] = set()
+    while not workers and proc.poll() is None and time.monotonic() < deadline:
+        workers = children(proc.pid)  # the attention-memory probe and its resource tracker
+        time.sleep(0.05)
+    assert workers, "the run measures attention memory in a child process"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted" in err
+    time.sleep(2)
+    alive = {pid for pid in workers if Path(f"/proc/{pid}").exists()}
+    assert not alive, f"worker processes outlived the run: {alive}"
