@@ -255,7 +255,7 @@ def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
         ok = part[part["status"] == "ok"]
         kappas = kappa_groups(ok)
-        if not kappas:
+        if not kappas or is_calibration(suite):
             continue
         points = pd.concat(
             group.assign(group=f"{impl} ({fixed})" if fixed else impl)
