@@ -243,16 +243,25 @@ class Plain(Attention):
 """
 
 
-def test_entry_point_registration(tmp_path, fresh_python):
-    (tmp_path / "demo_attn_plugin.py").write_text(ENTRY_POINT_PLUGIN)
-    dist = tmp_path / "demo_attn_plugin-0.1.dist-info"
+def install_plugin(folder, module: str, source: str, entries: str) -> None:
+    """A plugin module in ``folder`` with a dist-info whose ``attnbench.impls`` entry points
+    are ``entries`` (one ``name = target`` a line), as an installed package would have."""
+    (folder / f"{module}.py").write_text(source)
+    dist = folder / f"{module}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-attn-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[attnbench.impls]\n"
+    name = module.replace("_", "-")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[attnbench.impls]\n{entries}")
+
+
+def test_entry_point_registration(tmp_path, fresh_python):
+    install_plugin(
+        tmp_path,
+        "demo_attn_plugin",
+        ENTRY_POINT_PLUGIN,
         "demo = demo_attn_plugin\n"
         "demo.plain = demo_attn_plugin:Plain\n"
-        "demo.broken = demo_attn_plugin_missing\n"
+        "demo.broken = demo_attn_plugin_missing\n",
     )
     code = textwrap.dedent(
         """
@@ -305,12 +314,8 @@ class Faster(SDPAttention):
 
 
 def test_an_entry_point_subclass_of_a_builtin_registers_under_its_own_name(tmp_path, fresh_python):
-    (tmp_path / "faster_plugin.py").write_text(SUBCLASS_PLUGIN)
-    dist = tmp_path / "faster_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: faster-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[attnbench.impls]\ndemo.faster = faster_plugin:Faster\n"
+    install_plugin(
+        tmp_path, "faster_plugin", SUBCLASS_PLUGIN, "demo.faster = faster_plugin:Faster\n"
     )
     code = (
         "from attnbench import registry\n"

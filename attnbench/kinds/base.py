@@ -99,6 +99,11 @@ def cpu_out_of_memory(err: BaseException) -> bool:
     )
 
 
+def mib(n: int | None) -> float | None:
+    """Bytes as MiB, for the summaries; None stays None."""
+    return None if n is None else n / 2**20
+
+
 def markdown_records(records: list[dict], floatfmt: str) -> str:
     """A Markdown table of ``records``; all-empty columns dropped, missing values blank."""
     import pandas as pd

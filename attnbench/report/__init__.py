@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from attnbench.report.table import Table, group_by, prepare
+from attnbench.report.table import Table, prepare
 from attnbench.report.tables import all_tables
-from attnbench.report.train_tables import TRAIN_KEY, train_methods
+from attnbench.report.train_tables import train_methods
 
 __all__ = ["write_report"]
 
@@ -36,7 +36,7 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
 
     A grid PNG that is missing or unreadable is left out with a warning.
     """
-    from attnbench.report.discovery import is_calibration
+    from attnbench.report.discovery import experiment_sections
     from attnbench.report.pictures import copying_outputs_figure, selected_keys_figure
     from attnbench.report.plots import name_for, slug
     from attnbench.tasks import TASKS
@@ -45,10 +45,8 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
     shown = [name for name, task in TASKS.items() if task.outputs_figure]
     train = rows[(rows["kind"] == "train") & rows["task"].isin(shown)]
     grids = train[(train["status"] == "ok") & train["grid_png_path"].notna()]
-    machines = set(grids["machine"])
-    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
-        if is_calibration(suite):
-            continue
+    machines = grids.groupby("suite")["machine"].agg(set)  # per suite, as the plots name theirs
+    for (machine, suite, *_), part in experiment_sections(train):
         entries = []
         for method, first in train_methods(part).iterrows():
             runs = grids[grids.set_index(["impl", "params_text", "generator_text"]).index == method]
@@ -66,7 +64,9 @@ def picture_figures(rows: pd.DataFrame) -> list[tuple[str, object]]:
         except (ValueError, OSError) as err:
             warnings.warn(f"copying outputs of suite {suite!r} left out: {err}", stacklevel=2)
             continue
-        figures.append((name_for(f"{slug(suite)}-outputs", machine, machines), figure))
+        figures.append(
+            (name_for(f"{slug(suite)}-outputs", machine, machines.get(suite, set())), figure)
+        )
     if rows["impl"].str.startswith("gpa.").any():
         # Both affinities: with "dot" the kept blocks scatter on this example, with "euclid"
         # (the authors' module) they gather around the true match — worth seeing side by side.

@@ -29,9 +29,9 @@ from attnbench.report.train_tables import (
     train_rows,
     welch,
 )
+from attnbench.tasks.evaluation import COPY_THRESHOLD
 
 CALIBRATION_SUFFIX = "-step-time"  # the suite that calibrates suite S is S + this
-COPY_THRESHOLD = 0.5  # as attnbench.tasks.evaluation's: the hit rate at which a run copies
 TESTED = ("psnr_t", "hit_t")  # the equal-time metrics compared with the references
 
 DISCOVERY_COLS = [
@@ -56,6 +56,14 @@ def is_calibration(suite: str) -> bool:
     """Whether ``suite`` calibrates another's time axis (its rows are step times, not an
     experiment of their own: plots leave it out)."""
     return suite.endswith(CALIBRATION_SUFFIX)
+
+
+def experiment_sections(train: pd.DataFrame):
+    """The comparable groups of training runs (:data:`TRAIN_KEY`) that are experiments of their
+    own: ``(key, rows)`` of every suite but the calibration suites."""
+    for key, part in group_by(train, TRAIN_KEY):
+        if not is_calibration(key[1]):
+            yield key, part
 
 
 def has_curves(part: pd.DataFrame) -> bool:
@@ -212,9 +220,7 @@ def discovery_table(rows: pd.DataFrame) -> Table:
     """Steps and time to copy, and the metrics at equal steps and at equal time, per method."""
     train = train_rows(prepare(rows))
     sections = [
-        discovery_section(train, part)
-        for (_, suite, *_), part in group_by(train, TRAIN_KEY)
-        if not is_calibration(suite) and has_curves(part)
+        discovery_section(train, part) for _, part in experiment_sections(train) if has_curves(part)
     ]
     return Table(
         "discovery",

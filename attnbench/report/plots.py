@@ -16,7 +16,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from attnbench.report.discovery import is_calibration
+from attnbench.report.discovery import experiment_sections
 from attnbench.report.micro_tables import (
     SERIES,
     micro_rows,
@@ -35,7 +35,7 @@ from attnbench.report.table import (
     method_label,
     prepare,
 )
-from attnbench.report.train_tables import TRAIN_KEY, train_methods, train_rows
+from attnbench.report.train_tables import train_methods, train_rows
 
 STYLE = "whitegrid"
 NOT_RUN_MARKER = "X"
@@ -77,9 +77,7 @@ def memory_vs_l1(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
-    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
-        if is_calibration(suite):
-            continue
+    for (machine, suite, *_), part in experiment_sections(train):
         runs = labelled_runs(part).dropna(subset=["test_l1", "attn_mem_bytes"])
         if runs.empty:
             continue
@@ -116,9 +114,7 @@ def hit_curve(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
-    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
-        if is_calibration(suite):
-            continue
+    for (machine, suite, *_), part in experiment_sections(train):
         runs = labelled_runs(part).explode("hit_curve").dropna(subset=["hit_curve"])
         if runs.empty:
             continue
@@ -252,10 +248,10 @@ def kappa(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)  # per suite: its own names
-    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
+    for (machine, suite, *_), part in experiment_sections(train):
         ok = part[part["status"] == "ok"]
         kappas = kappa_groups(ok)
-        if not kappas or is_calibration(suite):
+        if not kappas:
             continue
         points = pd.concat(
             group.assign(group=f"{impl} ({fixed})" if fixed else impl)
@@ -394,8 +390,8 @@ def discovery_curves(rows: pd.DataFrame) -> list[tuple[str, Figure]]:
     figures = []
     train = train_rows(prepare(rows))
     machines = train.groupby("suite")["machine"].agg(set)
-    for (machine, suite, *_), part in group_by(train, TRAIN_KEY):
-        if is_calibration(suite) or not has_curves(part):
+    for (machine, suite, *_), part in experiment_sections(train):
+        if not has_curves(part):
             continue
         points = curve_points(part, calibration(train, part)[0]).dropna(subset=["time"])
         if points.empty:

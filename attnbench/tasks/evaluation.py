@@ -17,19 +17,29 @@ def collate(items: list[dict], device: str, keys: tuple[str, ...] = PAIR_KEYS) -
     return {key: torch.stack([item[key] for item in items]).to(device) for key in keys}
 
 
+def held_out_outputs(model, test_set, task: Task, eval_batch: int, device: str):
+    """Every batch of the held-out set with the generator's output, in order, the model in
+    eval mode meanwhile (its mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(test_set), eval_batch):
+            items = [test_set[i] for i in range(start, min(start + eval_batch, len(test_set)))]
+            batch = collate(items, device, task.batch_keys)
+            yield batch, model(batch["source"], batch["source_pose"], batch["target_pose"])
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model, test_set, task: Task, loss_fn: Loss, eval_batch: int, device: str):
     """Metrics on the whole held-out set, and its first batch with outputs (for the grid)."""
     from attnbench.metrics import MetricUnavailable, image_metrics, lpips_model
 
-    model.eval()
     preds, targets, losses = [], [], []
     first = None
-    for start in range(0, len(test_set), eval_batch):
-        items = [test_set[i] for i in range(start, min(start + eval_batch, len(test_set)))]
-        batch = collate(items, device, task.batch_keys)
-        out = model(batch["source"], batch["source_pose"], batch["target_pose"])
-        losses.append(loss_fn(out, batch["target"]).item() * len(items))
+    for batch, out in held_out_outputs(model, test_set, task, eval_batch, device):
+        losses.append(loss_fn(out, batch["target"]).item() * len(out))
         preds.append(out.clamp(0, 1).cpu())
         targets.append(batch["target"].cpu())
         if first is None:
@@ -54,7 +64,6 @@ def evaluate(model, test_set, task: Task, loss_fn: Loss, eval_batch: int, device
         result["lpips"] = None
         notes.append(f"lpips: {err}")
     extra, extra_notes = task.metrics(pred, target)
-    model.train()
     return result | extra | {"notes": notes + extra_notes}, first
 
 
@@ -64,16 +73,10 @@ def held_out_psnr(model, test_set, task: Task, eval_batch: int, device: str) -> 
     the final evaluation computes it."""
     from attnbench.metrics import image_metrics
 
-    was_training = model.training
-    model.eval()
     preds, targets = [], []
-    for start in range(0, len(test_set), eval_batch):
-        items = [test_set[i] for i in range(start, min(start + eval_batch, len(test_set)))]
-        batch = collate(items, device, task.batch_keys)
-        out = model(batch["source"], batch["source_pose"], batch["target_pose"])
+    for batch, out in held_out_outputs(model, test_set, task, eval_batch, device):
         preds.append(out.clamp(0, 1).cpu())
         targets.append(batch["target"].cpu())
-    model.train(was_training)
     return image_metrics(torch.cat(preds), torch.cat(targets))["psnr"]
 
 

@@ -7,7 +7,7 @@ Its suite model and cases are :mod:`.suite`'s, the measurement of one case :mod:
 
 from __future__ import annotations
 
-from attnbench.kinds.base import Kind, RunOptions, Session, markdown_records
+from attnbench.kinds.base import Kind, RunOptions, Session, markdown_records, mib
 from attnbench.kinds.micro import suite as micro_suite
 
 RELATIVE_ERROR_NOTE = (
@@ -29,7 +29,8 @@ class MicroSession(Session):
 
         device = options.device
         self.ctx = context(device)
-        self.run_time = options.min_run_time or suite.timing.min_run_time
+        given = options.min_run_time
+        self.run_time = suite.timing.min_run_time if given is None else given
         wants_time = "time" in suite.metrics and todo
         self.peak = matmul_gflops(device=device, min_run_time=self.run_time) if wants_time else None
         self.memory_budget = suite.memory_budget * available_memory(device)
@@ -103,10 +104,6 @@ def summary_table(rows: list[dict]) -> str:
     if any(r.get("rel_err_out") is not None for r in rows):
         table += "\n\n" + RELATIVE_ERROR_NOTE
     return table
-
-
-def mib(n: int | None) -> float | None:
-    return None if n is None else n / 2**20
 
 
 KIND = MicroKind()

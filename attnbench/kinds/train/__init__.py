@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attnbench.kinds.base import Kind, RunOptions, Session, markdown_records
+from attnbench.kinds.base import Kind, RunOptions, Session, markdown_records, mib
 from attnbench.kinds.train import suite as train_suite
 
 
@@ -111,9 +111,7 @@ def summary_table(rows: list[dict]) -> str:
             "LPIPS": r.get("lpips"),
             "hit rate": (r.get("copy_hit_rate") or {}).get("largest"),
             "steps": r.get("steps"),
-            "attention MiB": None
-            if r.get("attn_mem_bytes") is None
-            else r["attn_mem_bytes"] / 2**20,
+            "attention MiB": mib(r.get("attn_mem_bytes")),
             "step s": r.get("step_time_s"),
             "parameters": r.get("n_params"),
         }
